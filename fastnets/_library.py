@@ -1,0 +1,49 @@
+"""torch.library registration shared by every op family.
+
+An op family registers each of its kernels once per backend, under one schema:
+    fastnets::<name>_triton   torch.library.triton_op (torch.compile sees the Triton kernels)
+    fastnets::<name>_cuda     torch.library.custom_op over the fastnets._C launcher
+    fastnets::<name>_torch    torch.library.custom_op over the torch reference
+with one fake (meta) implementation and, where the op is differentiable, one autograd formula
+whose backward calls the same backend's backward op. torch.compile(fullgraph=True) and CUDA graphs
+run through them without graph breaks; torch.library.opcheck tests each registration.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Iterable
+
+import torch
+
+NAMESPACE = "fastnets"
+
+
+def register(name: str, prototype: Callable, *, fake: Callable, impls: dict[str, Callable],
+             mutates_args: Iterable[str] = ()) -> dict[str, object]:
+    """Registers fastnets::<name>_<backend> for each backend in `impls`.
+
+    prototype: a function whose annotated signature gives the schema (its body is never run).
+    fake: the meta implementation (output shapes, dtypes and strides from input metadata).
+    impls: backend name ("triton", "cuda", "torch") -> implementation with the prototype's signature.
+    Returns backend -> the registered op (a CustomOpDef, callable like a function).
+    """
+    mutates_args = tuple(mutates_args)
+    schema = torch.library.infer_schema(prototype, mutates_args=mutates_args)
+    ops = {}
+    for backend, impl in impls.items():
+        qualname = f"{NAMESPACE}::{name}_{backend}"
+        maker = torch.library.triton_op if backend == "triton" else torch.library.custom_op
+        op = maker(qualname, impl, mutates_args=mutates_args, schema=schema)
+        op.register_fake(fake)
+        ops[backend] = op
+    return ops
+
+
+def register_autograd(ops: dict[str, object], *, setup_context: Callable, backward: Callable) -> None:
+    """Gives every backend's op the same autograd formula.
+
+    backward(backend, ctx, *grad_outputs) receives the backend name first, so that it calls that
+    backend's backward op; setup_context(ctx, inputs, output) as in torch.library.register_autograd.
+    """
+    for backend, op in ops.items():
+        op.register_autograd(functools.partial(backward, backend), setup_context=setup_context)
