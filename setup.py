@@ -47,6 +47,48 @@ def arch_flags():
     return flags
 
 
+def compile_extension(nvcc, sources, out, build_temp):
+    """Compiles `sources` (.cu and .cpp, absolute paths) in parallel and links them into `out`."""
+    import pybind11
+
+    tmp = os.path.join(build_temp, "csrc")
+    os.makedirs(tmp, exist_ok=True)
+    cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    includes = [f"-I{os.path.join(ROOT, 'csrc')}", f"-I{pybind11.get_include()}",
+                f"-I{sysconfig.get_paths()['include']}", f"-I{os.path.join(cuda_home, 'include')}"]
+    common = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden"]
+    archs = arch_flags()
+    jobs = []
+    for src in sources:
+        obj = os.path.join(tmp, os.path.basename(src) + ".o")
+        cmd = [nvcc, *common, *includes, "-c", src, "-o", obj]
+        if src.endswith(".cu"):
+            cmd[1:1] = ["--expt-relaxed-constexpr", "-lineinfo", *archs]
+        jobs.append((src, obj, cmd))
+
+    def run(job):
+        src, obj, cmd = job
+        print("fastnets: nvcc", os.path.relpath(src, ROOT), flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"nvcc failed on {src}:\n{proc.stdout}{proc.stderr}")
+        return obj
+
+    workers = max(1, min(len(jobs), os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        objs = list(pool.map(run, jobs))
+    link = [nvcc, "-shared", "-cudart", "static", *archs, "-o", out, *objs]
+    proc = subprocess.run(link, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"linking fastnets._C failed:\n{proc.stdout}{proc.stderr}")
+
+
+def all_sources():
+    """csrc/*.cu and csrc/*.cpp, relative to the project (setuptools requires relative paths)."""
+    return sorted(os.path.relpath(p, ROOT) for ext in ("cu", "cpp")
+                  for p in glob.glob(os.path.join(ROOT, "csrc", f"*.{ext}")))
+
+
 class NvccBuildExt(build_ext):
     """Builds fastnets._C with nvcc, or records why it was not built."""
 
@@ -67,7 +109,7 @@ class NvccBuildExt(build_ext):
             reason = "nvcc was not found when fastnets was installed"
         if reason is None:
             try:
-                self._compile_and_link(nvcc, ext, out)
+                compile_extension(nvcc, [os.path.join(ROOT, p) for p in ext.sources], out, self.build_temp)
             except Exception as exc:  # noqa: BLE001 - reported below, or re-raised when required
                 if mode == "1":
                     raise
@@ -83,44 +125,9 @@ class NvccBuildExt(build_ext):
             with open(path, "w") as f:
                 json.dump(info, f)
 
-    def _compile_and_link(self, nvcc, ext, out):
-        import pybind11
 
-        tmp = os.path.join(self.build_temp, "csrc")
-        os.makedirs(tmp, exist_ok=True)
-        cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-        includes = [f"-I{os.path.join(ROOT, 'csrc')}", f"-I{pybind11.get_include()}",
-                    f"-I{sysconfig.get_paths()['include']}", f"-I{os.path.join(cuda_home, 'include')}"]
-        common = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden"]
-        archs = arch_flags()
-        jobs = []
-        for src in (os.path.join(ROOT, s) for s in ext.sources):
-            obj = os.path.join(tmp, os.path.basename(src) + ".o")
-            cmd = [nvcc, *common, *includes, "-c", src, "-o", obj]
-            if src.endswith(".cu"):
-                cmd[1:1] = ["--expt-relaxed-constexpr", "-lineinfo", *archs]
-            jobs.append((src, obj, cmd))
-
-        def run(job):
-            src, obj, cmd = job
-            print("fastnets: nvcc", os.path.relpath(src, ROOT), flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"nvcc failed on {src}:\n{proc.stdout}{proc.stderr}")
-            return obj
-
-        workers = max(1, min(len(jobs), os.cpu_count() or 1))
-        with ThreadPoolExecutor(workers) as pool:
-            objs = list(pool.map(run, jobs))
-        link = [nvcc, "-shared", "-cudart", "static", *archs, "-o", out, *objs]
-        proc = subprocess.run(link, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"linking fastnets._C failed:\n{proc.stdout}{proc.stderr}")
-
-
-# Relative paths (setuptools requires them); _compile_and_link resolves them against ROOT.
-sources = sorted(os.path.relpath(p, ROOT) for ext in ("cu", "cpp") for p in glob.glob(os.path.join(ROOT, "csrc", f"*.{ext}")))
-setup(
-    ext_modules=[Extension("fastnets._C", sources=sources)],
-    cmdclass={"build_ext": NvccBuildExt},
-)
+if __name__ == "__main__":  # setuptools runs this file as __main__; scripts/check_cuda.py imports it
+    setup(
+        ext_modules=[Extension("fastnets._C", sources=all_sources())],
+        cmdclass={"build_ext": NvccBuildExt},
+    )

@@ -108,3 +108,18 @@ def ran_on(backend: str, op: str | None = None):
     assert launches, f"no {op or ''} launch was recorded under backend {backend!r}"
     others = [r for r in launches if r[1] != backend]
     assert not others, f"under backend {backend!r} these ran elsewhere: {others}"
+
+
+def assert_raises_like(ours, stock, match: str | None = None):
+    """ours() must raise the exception type stock() raises (PyTorch's own behaviour for the same
+    bad input); `match` (a regex) is checked against our message when given."""
+    import pytest
+
+    try:
+        stock()
+    except Exception as exc:  # noqa: BLE001 - the type is what we compare
+        expected = type(exc)
+    else:
+        raise AssertionError("stock PyTorch accepts this input; compare the results instead")
+    with pytest.raises(expected, match=match):
+        ours()

@@ -1,0 +1,40 @@
+"""Helpers shared by the Triton kernel modules (imported only by them, after TRITON_INTERPRET is set).
+
+Kernels must compile on Triton 3.6 (the GPU machine) and 3.9 (the CPU machine): use only the core
+language (tl.load/store, tl.dot, tl.where, reductions, tl.math), no newer-only features.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastnets._dispatch import interpreter_enabled
+
+INTERPRET = interpreter_enabled()
+
+
+def configs(gpu: list[triton.Config], interpreter: triton.Config | None = None) -> list[triton.Config]:
+    """The autotuning candidates: all of `gpu` natively; one config in the interpreter, where
+    every candidate would run (slowly) and timings mean nothing."""
+    if INTERPRET:
+        return [interpreter or gpu[0]]
+    return gpu
+
+
+def tl_dtype(dtype: torch.dtype):
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+def dot_precision(dtype: torch.dtype, conv: bool = False) -> str:
+    """input_precision for tl.dot: fp32 operands use TF32 only when torch allows it
+    (torch.backends.cudnn.allow_tf32 for convolutions, torch.backends.cuda.matmul.allow_tf32
+    otherwise); half-precision operands are exact products either way."""
+    if dtype != torch.float32:
+        return "ieee"
+    allowed = torch.backends.cudnn.allow_tf32 if conv else torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if (allowed and not INTERPRET) else "ieee"
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, int(n)))
