@@ -1,0 +1,61 @@
+"""The activations the fused ops apply: names, codes shared with the kernels, torch references.
+
+Codes are the same in fastnets/kernels/_activation.py (Triton) and csrc/activation.h (CUDA):
+    0 none, 1 relu, 2 relu6, 3 silu, 4 gelu (exact, erf form: F.gelu's default), 5 sigmoid.
+NaN propagates through every one of them as in torch (relu(NaN) is NaN).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CODES = {None: 0, "none": 0, "identity": 0, "relu": 1, "relu6": 2, "silu": 3, "swish": 3, "gelu": 4, "sigmoid": 5}
+NAMES = ("relu", "relu6", "silu", "gelu", "sigmoid", None)
+
+
+def code(activation) -> int:
+    """The kernel code of an activation name; ValueError naming the argument for an unknown one."""
+    key = activation.lower() if isinstance(activation, str) else activation
+    try:
+        return CODES[key]
+    except (KeyError, TypeError):
+        raise ValueError(f"activation must be one of {', '.join(map(repr, NAMES))}, got {activation!r}") from None
+
+
+def apply(x: torch.Tensor, act: int) -> torch.Tensor:
+    """Reference forward (stock ops)."""
+    if act == 0:
+        return x
+    if act == 1:
+        return F.relu(x)
+    if act == 2:
+        return F.relu6(x)
+    if act == 3:
+        return F.silu(x)
+    if act == 4:
+        return F.gelu(x)
+    if act == 5:
+        return torch.sigmoid(x)
+    raise ValueError(f"unknown activation code {act}")
+
+
+def grad(z: torch.Tensor, grad_out: torch.Tensor, act: int) -> torch.Tensor:
+    """Reference backward: d act(z) / dz * grad_out, with z the activation's input (pre-activation),
+    using torch's conventions at the kinks (relu'(0) = 0, relu6'(0) = relu6'(6) = 0)."""
+    if act == 0:
+        return grad_out
+    if act == 1:
+        return torch.where(z > 0, grad_out, torch.zeros_like(grad_out))
+    if act == 2:
+        return torch.where((z > 0) & (z < 6), grad_out, torch.zeros_like(grad_out))
+    if act == 3:
+        s = torch.sigmoid(z)
+        return grad_out * s * (1 + z * (1 - s))
+    if act == 4:
+        cdf = 0.5 * (1 + torch.erf(z * 0.7071067811865476))
+        pdf = torch.exp(-0.5 * z * z) * 0.3989422804014327
+        return grad_out * (cdf + z * pdf)
+    if act == 5:
+        s = torch.sigmoid(z)
+        return grad_out * s * (1 - s)
+    raise ValueError(f"unknown activation code {act}")
