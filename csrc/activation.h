@@ -21,8 +21,8 @@ __device__ __forceinline__ float act_fwd(float x, int act) {
 // d act(z) / dz * g, with z the pre-activation.
 __device__ __forceinline__ float act_bwd(float z, float g, int act) {
   switch (act) {
-    case kActRelu: return z > 0.f ? g : 0.f;
-    case kActRelu6: return (z > 0.f && z < 6.f) ? g : 0.f;
+    case kActRelu: return z <= 0.f ? 0.f : g;  // NaN passes the gradient, as in torch
+    case kActRelu6: return (z <= 0.f || z >= 6.f) ? 0.f : g;
     case kActSilu: {
       float s = 1.f / (1.f + __expf(-z));
       return g * s * (1.f + z * (1.f - s));

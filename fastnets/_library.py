@@ -11,6 +11,7 @@ run through them without graph breaks; torch.library.opcheck tests each registra
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Callable, Iterable
 
 import torch
@@ -32,11 +33,28 @@ def register(name: str, prototype: Callable, *, fake: Callable, impls: dict[str,
     ops = {}
     for backend, impl in impls.items():
         qualname = f"{NAMESPACE}::{name}_{backend}"
-        maker = torch.library.triton_op if backend == "triton" else torch.library.custom_op
-        op = maker(qualname, impl, mutates_args=mutates_args, schema=schema)
+        if backend == "triton":
+            # triton_op infers its schema from the implementation itself (it ignores `schema`):
+            # give the implementation the prototype's signature.
+            op = torch.library.triton_op(qualname, _with_signature(impl, prototype), mutates_args=mutates_args)
+        else:
+            op = torch.library.custom_op(qualname, impl, mutates_args=mutates_args, schema=schema)
         op.register_fake(fake)
         ops[backend] = op
     return ops
+
+
+def _with_signature(impl: Callable, prototype: Callable) -> Callable:
+    """impl, seen by inspect with prototype's signature (names, annotations, defaults)."""
+    @functools.wraps(impl)
+    def typed(*args, **kwargs):
+        return impl(*args, **kwargs)
+
+    sig = inspect.signature(prototype, eval_str=True)  # string annotations, resolved in prototype's module
+    typed.__signature__ = sig
+    typed.__annotations__ = {n: p.annotation for n, p in sig.parameters.items()}
+    typed.__annotations__["return"] = sig.return_annotation
+    return typed
 
 
 def register_autograd(ops: dict[str, object], *, setup_context: Callable, backward: Callable) -> None:

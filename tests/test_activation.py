@@ -13,12 +13,13 @@ def _inputs():
 
 @pytest.mark.parametrize("name", A.NAMES)
 def test_reference_grad_matches_autograd(name):
-    z = _inputs()[:-3].requires_grad_()
+    z = _inputs()[:-2]  # keeps NaN; torch's autograd of the smooth ones at +-inf is NaN
+    z = (z if name in ("relu", "relu6", None) else z[:-1]).requires_grad_()
     act = A.code(name)
     y = A.apply(z, act)
     g = torch.randn_like(y)
     (expected,) = torch.autograd.grad(y, z, g) if y.requires_grad else (g,)
-    torch.testing.assert_close(A.grad(z.detach(), g, act), expected)
+    torch.testing.assert_close(A.grad(z.detach(), g, act), expected, equal_nan=True)
 
 
 def test_unknown_activation_names_the_argument():
@@ -57,5 +58,5 @@ def test_triton_activation_matches_torch(name):
         keep = ~torch.isinf(z)
         y, expected = y[keep], expected[keep]
     torch.testing.assert_close(y, expected, equal_nan=True, rtol=2e-6, atol=1e-6)
-    finite = torch.isfinite(z)
-    torch.testing.assert_close(dz[finite], A.grad(z, g, act)[finite], rtol=2e-5, atol=1e-6)
+    keep = ~torch.isinf(z) if name in ("relu", "relu6", None) else torch.isfinite(z)
+    torch.testing.assert_close(dz[keep], A.grad(z, g, act)[keep], rtol=2e-5, atol=1e-6, equal_nan=True)

@@ -23,9 +23,9 @@ def act_fwd(x, ACT: tl.constexpr):
 def act_bwd(z, g, ACT: tl.constexpr):
     """d act(z) / dz * g, z the pre-activation (float32)."""
     if ACT == 1:
-        g = tl.where(z > 0, g, 0.0)
+        g = tl.where(z <= 0, 0.0, g)  # NaN passes the gradient, as torch's threshold_backward
     elif ACT == 2:
-        g = tl.where((z > 0) & (z < 6), g, 0.0)
+        g = tl.where((z <= 0) | (z >= 6), 0.0, g)
     elif ACT == 3:
         s = 1.0 / (1.0 + tl.exp(-z))
         g = g * s * (1.0 + z * (1.0 - s))

@@ -41,13 +41,14 @@ def apply(x: torch.Tensor, act: int) -> torch.Tensor:
 
 def grad(z: torch.Tensor, grad_out: torch.Tensor, act: int) -> torch.Tensor:
     """Reference backward: d act(z) / dz * grad_out, with z the activation's input (pre-activation),
-    using torch's conventions at the kinks (relu'(0) = 0, relu6'(0) = relu6'(6) = 0)."""
+    using torch's conventions at the kinks (relu'(0) = 0, relu6'(0) = relu6'(6) = 0) and at NaN
+    (relu and relu6 pass the gradient through a NaN input, as torch's threshold_backward does)."""
     if act == 0:
         return grad_out
     if act == 1:
-        return torch.where(z > 0, grad_out, torch.zeros_like(grad_out))
+        return torch.where(z <= 0, torch.zeros_like(grad_out), grad_out)
     if act == 2:
-        return torch.where((z > 0) & (z < 6), grad_out, torch.zeros_like(grad_out))
+        return torch.where((z <= 0) | (z >= 6), torch.zeros_like(grad_out), grad_out)
     if act == 3:
         s = torch.sigmoid(z)
         return grad_out * s * (1 + z * (1 - s))

@@ -1,0 +1,159 @@
+// Bias + activation over an [M, F] view, CUDA C++ (the algorithm of fastnets/kernels/bias_act.py).
+//
+// Forward: one thread per element in row-major order (y is contiguous), z = x + b and the
+// activation in float32. Backward: 32 x 8 thread blocks, threads along x on neighbouring columns;
+// a block walks its share of the rows, writes dx = act'(z) * dy and sums dx per column into a
+// partial row [P, F] (float32, stream-ordered scratch), summed over P in a fixed order by a second
+// kernel: grad_bias without atomics, identical on every run.
+#include <algorithm>
+
+#include "activation.h"
+#include "bias_act.h"
+
+namespace fastnets {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kCols = 32, kRows = 8;  // backward block: 32 columns x 8 row lanes
+
+template <class T, class B>
+__global__ void __launch_bounds__(kThreads) bias_act_fwd_kernel(
+    const T* __restrict__ x, int64_t sxm, int64_t sxf,  // [M, F]
+    const B* __restrict__ b,                            // [F] or null
+    T* __restrict__ y,                                  // [M, F] contiguous
+    int64_t M, int64_t F, int act) {
+  const int64_t total = M * F;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / F, col = i - row * F;
+    float z = to_float(x[row * sxm + col * sxf]);
+    if (b != nullptr) z += to_float(b[col]);
+    y[i] = from_float<T>(act_fwd(z, act));
+  }
+}
+
+template <class T, class B>
+__global__ void __launch_bounds__(kCols * kRows) bias_act_bwd_kernel(
+    const T* __restrict__ dy, int64_t sdym, int64_t sdyf,  // [M, F]
+    const T* __restrict__ x, int64_t sxm, int64_t sxf,     // [M, F]
+    const B* __restrict__ b,                               // [F] or null
+    T* __restrict__ dx,                                    // [M, F] contiguous
+    float* __restrict__ part,                              // [gridDim.y, F] partial column sums, or null
+    int64_t M, int64_t F, int64_t rows_per_block, int act) {
+  __shared__ float red[kRows][kCols];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kCols + threadIdx.x;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * rows_per_block;
+  const int64_t row_end = std::min<int64_t>(row0 + rows_per_block, M);
+  float acc = 0.f;
+  if (col < F) {
+    const float bias = b != nullptr ? to_float(b[col]) : 0.f;
+    for (int64_t row = row0 + threadIdx.y; row < row_end; row += kRows) {
+      const float z = to_float(x[row * sxm + col * sxf]) + bias;
+      const float d = act_bwd(z, to_float(dy[row * sdym + col * sdyf]), act);
+      dx[row * F + col] = from_float<T>(d);
+      acc += d;
+    }
+  }
+  if (part == nullptr) return;  // uniform across the block
+  red[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < F) {
+    float sum = 0.f;
+    for (int i = 0; i < kRows; ++i) sum += red[i][threadIdx.x];  // a fixed order
+    part[static_cast<int64_t>(blockIdx.y) * F + col] = sum;
+  }
+}
+
+// out[j] = sum over p of part[p, j], p in order.
+template <class B>
+__global__ void column_sum_kernel(const float* __restrict__ part, B* __restrict__ out, int64_t P, int64_t F) {
+  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < F;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float acc = 0.f;
+    for (int64_t p = 0; p < P; ++p) acc += part[p * F + j];
+    out[j] = from_float<B>(acc);
+  }
+}
+
+int sm_count() {
+  int device = 0, sms = 0;
+  FN_CUDA_CHECK(cudaGetDevice(&device));
+  FN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+// Calls f(T{}, B{}) for the (input, bias) dtype pair: B is T or float.
+template <class Fn>
+void dispatch_pair(int dtype, int bdtype, Fn&& f) {
+  dispatch_float(dtype, [&](auto t) {
+    using T = decltype(t);
+    if (bdtype == dtype) {
+      f(t, T{});
+    } else if (bdtype == kFloat32) {
+      f(t, float{});
+    } else {
+      throw std::invalid_argument("fastnets._C: bias_act: the bias must have the input's dtype or float32");
+    }
+  });
+}
+
+void check(int64_t M, int64_t F, const Shape& sx, int act) {
+  require(M >= 1 && F >= 1, "bias_act: M and F must be >= 1 (the op returns early for empty input)");
+  require(sx.size() == 2, "bias_act: strides must be [row, column]");
+  require(act >= kActNone && act <= kActSigmoid, "bias_act: unknown activation code " + std::to_string(act));
+}
+
+}  // namespace
+
+void bias_act_forward(std::uintptr_t x, std::uintptr_t b, std::uintptr_t y, int64_t M, int64_t F, const Shape& sx,
+                      bool has_bias, int act, int dtype, int bdtype, std::uintptr_t stream) {
+  check(M, F, sx, act);
+  dispatch_pair(dtype, bdtype, [&](auto t, auto bt) {
+    using T = decltype(t);
+    using B = decltype(bt);
+    const int64_t blocks = std::min<int64_t>(ceil_div(M * F, kThreads), int64_t{1} << 20);
+    bias_act_fwd_kernel<T, B><<<grid_x(blocks), kThreads, 0, as_stream(stream)>>>(
+        as_ptr<const T>(x), sx[0], sx[1], has_bias ? as_ptr<const B>(b) : nullptr, as_ptr<T>(y), M, F, act);
+    FN_LAUNCH_CHECK("bias_act_fwd_kernel");
+  });
+}
+
+void bias_act_backward(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t b, std::uintptr_t dx, std::uintptr_t db,
+                       int64_t M, int64_t F, const Shape& sdy, const Shape& sx, bool has_bias, int act, int dtype,
+                       int bdtype, std::uintptr_t stream) {
+  check(M, F, sx, act);
+  require(sdy.size() == 2, "bias_act: strides must be [row, column]");
+  require(db == 0 || has_bias, "bias_act: grad of a bias that is absent");
+  cudaStream_t st = as_stream(stream);
+  const int64_t col_blocks = ceil_div(F, kCols);
+  // Row groups: enough blocks to fill the GPU, each at least kRows rows, at most 65535 (grid y).
+  int64_t groups = std::max<int64_t>(1, 8LL * sm_count() / col_blocks);
+  groups = std::min<int64_t>({groups, ceil_div(M, kRows), 65535});
+  const int64_t rows_per_block = ceil_div(M, groups);
+  groups = ceil_div(M, rows_per_block);
+  require(col_blocks <= 2147483647LL, "bias_act: too many columns");
+  float* part = nullptr;
+  if (db != 0) FN_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&part), sizeof(float) * groups * F, st));
+  try {
+    dispatch_pair(dtype, bdtype, [&](auto t, auto bt) {
+      using T = decltype(t);
+      using B = decltype(bt);
+      const dim3 grid(static_cast<unsigned int>(col_blocks), static_cast<unsigned int>(groups));
+      bias_act_bwd_kernel<T, B><<<grid, dim3(kCols, kRows), 0, st>>>(
+          as_ptr<const T>(dy), sdy[0], sdy[1], as_ptr<const T>(x), sx[0], sx[1],
+          has_bias ? as_ptr<const B>(b) : nullptr, as_ptr<T>(dx), part, M, F, rows_per_block, act);
+      FN_LAUNCH_CHECK("bias_act_bwd_kernel");
+      if (part != nullptr) {
+        const unsigned int cblocks = grid_x(std::min<int64_t>(ceil_div(F, kThreads), 65536));
+        column_sum_kernel<B><<<cblocks, kThreads, 0, st>>>(part, as_ptr<B>(db), groups, F);
+        FN_LAUNCH_CHECK("column_sum_kernel (bias)");
+      }
+    });
+  } catch (...) {
+    if (part != nullptr) cudaFreeAsync(part, st);
+    throw;
+  }
+  if (part != nullptr) FN_CUDA_CHECK(cudaFreeAsync(part, st));
+}
+
+}  // namespace fastnets

@@ -1,0 +1,395 @@
+// Fused convolution kernels (declared in conv.h): implicit GEMM with WMMA tensor cores for
+// fp16/bf16 (float32 accumulate) and an FMA-tiled path for fp32, a direct depthwise kernel, the
+// statistics finalize (Chan's merge) and the activation gradient. Simple on purpose: one tile
+// shape, operands staged through shared memory, every index that can pass 2^31 in int64.
+#include <mma.h>
+
+#include <climits>
+#include <type_traits>
+
+#include "activation.h"
+#include "conv.h"
+
+namespace fastnets {
+namespace {
+
+struct ConvParams {
+  int64_t N, C, H, W;         // input
+  int64_t K, OH, OW;          // output channels and size
+  int64_t KH, KW, Cg, Kg;     // kernel; input and output channels per group
+  int64_t M;                  // N * OH * OW, the GEMM rows
+  int64_t sx[4], sw[4], sr[4], sy[4];  // strides (elements) of x, w, residual, y (and z)
+  int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int act;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Implicit GEMM: C[m, n] = sum_k A[m, k] * B[k, n] with m = (image, oh, ow), n = output channel
+// of the group blockIdx.z, k = (kh, kw, ci) flattened. A block computes a BM x BN tile with 4 warps.
+constexpr int BM = 64, BN = 64, BK = 32, kThreads = 128;
+constexpr int kFarAway = -(1 << 29);  // row_ih of rows past M: every tap falls outside the input
+
+// x [N, C, H, W] (strides p.sx), w [K, Cg, KH, KW] (p.sw), bias [K] float32 or null, res
+// [N, K, OH, OW] (p.sr) or null, y [N, K, OH, OW] (p.sy), z (y's strides) or null, pmean/pm2
+// [gridDim.x, K] float32 or null (training). Grid (ceil(M/BM), ceil(Kg/BN), groups), 128 threads.
+template <class T, bool kMma>
+__global__ void __launch_bounds__(kThreads)
+conv_gemm_kernel(ConvParams p, const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ bias,
+                 const T* __restrict__ res, T* __restrict__ y, T* __restrict__ z, float* __restrict__ pmean,
+                 float* __restrict__ pm2) {
+  using S = typename std::conditional<kMma, T, float>::type;  // shared-memory operand type
+  __shared__ __align__(32) S As[BM][BK + 8];    // A tile [m][k]; ldm a multiple of 8 (WMMA)
+  __shared__ __align__(32) S Bs[BK][BN + 8];    // B tile [k][n]
+  __shared__ __align__(32) float Cs[BM][BN + 4];  // accumulators for the epilogue
+  __shared__ int64_t row_x[BM];                 // x offset of the row's image and group
+  __shared__ int row_ih[BM], row_iw[BM];        // top-left input coordinate of the row's window
+  __shared__ int64_t row_n[BM];
+  __shared__ int row_oh[BM], row_ow[BM];
+  __shared__ int col_ci[BK], col_kh[BK], col_kw[BK];  // (ci, kh, kw) of the tile's k, ci -1 past K
+
+  const int tid = threadIdx.x;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
+  const int64_t g = blockIdx.z;
+  const int64_t ohw = p.OH * p.OW;
+
+  if (tid < BM) {
+    const int64_t m = m0 + tid;
+    if (m < p.M) {
+      const int64_t n = m / ohw, rem = m % ohw;
+      const int oh = static_cast<int>(rem / p.OW), ow = static_cast<int>(rem % p.OW);
+      row_x[tid] = n * p.sx[0] + g * p.Cg * p.sx[1];
+      row_ih[tid] = oh * p.stride_h - p.pad_h;
+      row_iw[tid] = ow * p.stride_w - p.pad_w;
+      row_n[tid] = n;
+      row_oh[tid] = oh;
+      row_ow[tid] = ow;
+    } else {
+      row_x[tid] = 0;
+      row_ih[tid] = kFarAway;
+      row_iw[tid] = kFarAway;
+      row_n[tid] = -1;
+      row_oh[tid] = 0;
+      row_ow[tid] = 0;
+    }
+  }
+
+  const int64_t Ktot = p.KH * p.KW * p.Cg;
+  // WMMA: warp (wm, wn) owns rows wm*32..+32 and columns wn*32..+32 as 2x2 fragments of 16x16.
+  // FMA: thread (tr, tc) owns rows tr*4..+4 and columns tc*8..+8.
+  const int warp = tid / 32, wm = warp / 2, wn = warp % 2;
+  const int tr = tid / 8, tc = tid % 8;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> cf[2][2];
+  float acc[4][8];
+  if constexpr (kMma) {
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(cf[i][j], 0.f);
+  } else {
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+  }
+
+  for (int64_t k0 = 0; k0 < Ktot; k0 += BK) {
+    if (tid < BK) {
+      const int64_t k = k0 + tid;
+      if (k < Ktot) {
+        const int64_t tap = k / p.Cg;
+        col_ci[tid] = static_cast<int>(k % p.Cg);
+        col_kh[tid] = static_cast<int>(tap / p.KW);
+        col_kw[tid] = static_cast<int>(tap % p.KW);
+      } else {
+        col_ci[tid] = -1;
+        col_kh[tid] = 0;
+        col_kw[tid] = 0;
+      }
+    }
+    __syncthreads();  // row_* (first iteration) and col_* ready; previous tile consumed
+    // A: consecutive threads read consecutive input channels (contiguous in NHWC).
+    for (int idx = tid; idx < BM * BK; idx += kThreads) {
+      const int r = idx / BK, kk = idx % BK;
+      const int ci = col_ci[kk];
+      S v = S(0.f);
+      if (ci >= 0) {
+        const int ih = row_ih[r] + col_kh[kk] * p.dil_h;
+        const int iw = row_iw[r] + col_kw[kk] * p.dil_w;
+        if (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W) {
+          const T xv = x[row_x[r] + ih * p.sx[2] + iw * p.sx[3] + ci * p.sx[1]];
+          if constexpr (kMma) v = xv; else v = to_float(xv);
+        }
+      }
+      As[r][kk] = v;
+    }
+    // B: consecutive threads read consecutive input channels of one output channel (OHWI weights).
+    for (int idx = tid; idx < BN * BK; idx += kThreads) {
+      const int nn = idx / BK, kk = idx % BK;
+      const int ci = col_ci[kk];
+      const int64_t co = n0 + nn;
+      S v = S(0.f);
+      if (ci >= 0 && co < p.Kg) {
+        const T wv = w[(g * p.Kg + co) * p.sw[0] + ci * p.sw[1] + col_kh[kk] * p.sw[2] + col_kw[kk] * p.sw[3]];
+        if constexpr (kMma) v = wv; else v = to_float(wv);
+      }
+      Bs[kk][nn] = v;
+    }
+    __syncthreads();
+    if constexpr (kMma) {
+      for (int kk = 0; kk < BK; kk += 16) {
+        nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> af[2];
+        nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::row_major> bf[2];
+        for (int i = 0; i < 2; ++i) nvcuda::wmma::load_matrix_sync(af[i], &As[wm * 32 + i * 16][kk], BK + 8);
+        for (int j = 0; j < 2; ++j) nvcuda::wmma::load_matrix_sync(bf[j], &Bs[kk][wn * 32 + j * 16], BN + 8);
+        for (int i = 0; i < 2; ++i)
+          for (int j = 0; j < 2; ++j) nvcuda::wmma::mma_sync(cf[i][j], af[i], bf[j], cf[i][j]);
+      }
+    } else {
+      for (int kk = 0; kk < BK; ++kk) {
+        float a[4], b[8];
+        for (int i = 0; i < 4; ++i) a[i] = As[tr * 4 + i][kk];
+        for (int j = 0; j < 8; ++j) b[j] = Bs[kk][tc * 8 + j];
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+      }
+    }
+    __syncthreads();
+  }
+
+  if constexpr (kMma) {
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j)
+        nvcuda::wmma::store_matrix_sync(&Cs[wm * 32 + i * 16][wn * 32 + j * 16], cf[i][j], BN + 4,
+                                        nvcuda::wmma::mem_row_major);
+  } else {
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 8; ++j) Cs[tr * 4 + i][tc * 8 + j] = acc[i][j];
+  }
+  __syncthreads();
+
+  // Epilogue 1: bias; in training, the value rounded to the output dtype (the statistics are those
+  // of the stored conv output, which the batch-norm normalizes, as torch's batch-norm sees them).
+  if (bias != nullptr || pmean != nullptr) {
+    for (int idx = tid; idx < BM * BN; idx += kThreads) {
+      const int r = idx / BN, c = idx % BN;
+      float v = Cs[r][c];
+      if (bias != nullptr && n0 + c < p.Kg) v += bias[g * p.Kg + n0 + c];
+      if (pmean != nullptr) v = to_float(from_float<T>(v));
+      Cs[r][c] = v;
+    }
+    __syncthreads();
+  }
+  // Epilogue 2 (training): this tile's per-channel mean and M2 over its valid rows.
+  if (pmean != nullptr) {
+    const int rows = static_cast<int>(p.M - m0 < BM ? p.M - m0 : BM);
+    for (int c = tid; c < BN; c += kThreads) {
+      if (n0 + c >= p.Kg) continue;
+      float s = 0.f;
+      for (int r = 0; r < rows; ++r) s += Cs[r][c];
+      const float mean = s / rows;
+      float m2 = 0.f;
+      for (int r = 0; r < rows; ++r) {
+        const float d = Cs[r][c] - mean;
+        m2 += d * d;
+      }
+      const int64_t at = static_cast<int64_t>(blockIdx.x) * p.K + g * p.Kg + n0 + c;
+      pmean[at] = mean;
+      pm2[at] = m2;
+    }
+  }
+  // Epilogue 3: residual, pre-activation, activation, one store per output (channels fastest).
+  for (int idx = tid; idx < BM * BN; idx += kThreads) {
+    const int r = idx / BN, c = idx % BN;
+    if (row_n[r] < 0 || n0 + c >= p.Kg) continue;
+    const int64_t co = g * p.Kg + n0 + c;
+    float v = Cs[r][c];
+    if (res != nullptr)
+      v += to_float(res[row_n[r] * p.sr[0] + co * p.sr[1] + row_oh[r] * p.sr[2] + row_ow[r] * p.sr[3]]);
+    const int64_t off = row_n[r] * p.sy[0] + co * p.sy[1] + row_oh[r] * p.sy[2] + row_ow[r] * p.sy[3];
+    if (z != nullptr) z[off] = from_float<T>(v);
+    y[off] = from_float<T>(act_fwd(v, p.act));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Depthwise: output channel c reads input channel c / mult only. A block computes DW_TP output
+// pixels x DW_TC channels; threadIdx.x runs over channels (contiguous in NHWC).
+constexpr int DW_TP = 64, DW_TC = 32, DW_ROWS = 8;
+
+// Arguments as conv_gemm_kernel (w [K, 1, KH, KW]); grid (ceil(M/DW_TP), ceil(K/DW_TC)), block
+// (DW_TC, DW_ROWS).
+template <class T>
+__global__ void __launch_bounds__(DW_TC * DW_ROWS)
+conv_depthwise_kernel(ConvParams p, const T* __restrict__ x, const T* __restrict__ w,
+                      const float* __restrict__ bias, const T* __restrict__ res, T* __restrict__ y,
+                      T* __restrict__ z, float* __restrict__ pmean, float* __restrict__ pm2) {
+  __shared__ float vals[DW_TP][DW_TC + 1];
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * DW_TC + threadIdx.x;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * DW_TP;
+  const int64_t mult = p.K / p.C;
+  const int64_t ci = c / mult;
+  const int64_t ohw = p.OH * p.OW;
+  for (int r = threadIdx.y; r < DW_TP; r += DW_ROWS) {
+    const int64_t m = m0 + r;
+    if (m >= p.M || c >= p.K) continue;
+    const int64_t n = m / ohw, rem = m % ohw;
+    const int oh = static_cast<int>(rem / p.OW), ow = static_cast<int>(rem % p.OW);
+    const T* xc = x + n * p.sx[0] + ci * p.sx[1];
+    const T* wc = w + c * p.sw[0];
+    float acc = 0.f;
+    for (int kh = 0; kh < p.KH; ++kh) {
+      const int ih = oh * p.stride_h - p.pad_h + kh * p.dil_h;
+      if (ih < 0 || ih >= p.H) continue;
+      for (int kw = 0; kw < p.KW; ++kw) {
+        const int iw = ow * p.stride_w - p.pad_w + kw * p.dil_w;
+        if (iw < 0 || iw >= p.W) continue;
+        acc = fmaf(to_float(xc[ih * p.sx[2] + iw * p.sx[3]]), to_float(wc[kh * p.sw[2] + kw * p.sw[3]]), acc);
+      }
+    }
+    if (bias != nullptr) acc += bias[c];
+    const int64_t off = n * p.sy[0] + c * p.sy[1] + oh * p.sy[2] + ow * p.sy[3];
+    if (pmean != nullptr) {  // training: statistics of the stored (rounded) value, as in conv_gemm_kernel
+      const T stored = from_float<T>(acc);
+      vals[r][threadIdx.x] = to_float(stored);
+      y[off] = stored;
+      continue;
+    }
+    if (res != nullptr) acc += to_float(res[n * p.sr[0] + c * p.sr[1] + oh * p.sr[2] + ow * p.sr[3]]);
+    if (z != nullptr) z[off] = from_float<T>(acc);
+    y[off] = from_float<T>(act_fwd(acc, p.act));
+  }
+  if (pmean == nullptr) return;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < p.K) {
+    const int rows = static_cast<int>(p.M - m0 < DW_TP ? p.M - m0 : DW_TP);
+    float s = 0.f;
+    for (int r = 0; r < rows; ++r) s += vals[r][threadIdx.x];
+    const float mean = s / rows;
+    float m2 = 0.f;
+    for (int r = 0; r < rows; ++r) {
+      const float d = vals[r][threadIdx.x] - mean;
+      m2 += d * d;
+    }
+    pmean[static_cast<int64_t>(blockIdx.x) * p.K + c] = mean;
+    pm2[static_cast<int64_t>(blockIdx.x) * p.K + c] = m2;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One thread per channel merges the tiles in order: deterministic, Chan's stable formula.
+__global__ void stats_finalize_kernel(const float* __restrict__ pmean, const float* __restrict__ pm2,
+                                      float* __restrict__ mean, float* __restrict__ var, int64_t tiles,
+                                      int64_t channels, int64_t rows, int64_t tile) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  float n_run = 0.f, mean_run = 0.f, m2_run = 0.f;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const float n_b = static_cast<float>(rows - t * tile < tile ? rows - t * tile : tile);
+    const float mean_b = pmean[t * channels + c];
+    const float n_new = n_run + n_b;
+    const float delta = mean_b - mean_run;
+    mean_run += delta * (n_b / n_new);
+    m2_run += pm2[t * channels + c] + delta * delta * (n_run * (n_b / n_new));
+    n_run = n_new;
+  }
+  mean[c] = mean_run;
+  var[c] = m2_run / n_run;
+}
+
+template <class T>
+__global__ void act_grad_kernel(const T* __restrict__ dy, const T* __restrict__ z, T* __restrict__ dz, int64_t n,
+                                int act) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dz[i] = from_float<T>(act_bwd(to_float(z[i]), to_float(dy[i]), act));
+}
+
+}  // namespace
+
+int64_t conv_stats_tile(bool depthwise) { return depthwise ? DW_TP : BM; }
+
+void conv_fwd(std::uintptr_t x, const Shape& x_size, const Shape& x_stride, std::uintptr_t w, const Shape& w_size,
+              const Shape& w_stride, std::uintptr_t bias, std::uintptr_t res, const Shape& res_stride,
+              std::uintptr_t y, const Shape& y_size, const Shape& y_stride, std::uintptr_t z, std::uintptr_t pmean,
+              std::uintptr_t pm2, const Shape& stride, const Shape& padding, const Shape& dilation, int64_t groups,
+              int act, int dtype, std::uintptr_t stream) {
+  require(x_size.size() == 4 && x_stride.size() == 4 && w_size.size() == 4 && w_stride.size() == 4 &&
+              y_size.size() == 4 && y_stride.size() == 4 && res_stride.size() == 4,
+          "conv_fwd: x, w, y and the residual strides must be 4-d");
+  require(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, "conv_fwd: stride/padding/dilation");
+  require(groups >= 1 && groups < 65536, "conv_fwd: groups must be in [1, 65535]");
+  require((pmean == 0) == (pm2 == 0), "conv_fwd: pmean and pm2 go together");
+  ConvParams p{};
+  p.N = x_size[0]; p.C = x_size[1]; p.H = x_size[2]; p.W = x_size[3];
+  p.K = w_size[0]; p.KH = w_size[2]; p.KW = w_size[3];
+  p.OH = y_size[2]; p.OW = y_size[3];
+  p.Cg = w_size[1];
+  p.Kg = p.K / groups;
+  p.M = p.N * p.OH * p.OW;
+  require(p.Cg * groups == p.C && p.Kg * groups == p.K && y_size[0] == p.N && y_size[1] == p.K,
+          "conv_fwd: inconsistent channels and groups");
+  require(p.H < INT_MAX / 2 && p.W < INT_MAX / 2 && p.KH * p.KW * p.Cg < INT_MAX, "conv_fwd: sizes too large");
+  for (int i = 0; i < 4; ++i) {
+    p.sx[i] = x_stride[i];
+    p.sw[i] = w_stride[i];
+    p.sr[i] = res_stride[i];
+    p.sy[i] = y_stride[i];
+  }
+  p.stride_h = static_cast<int>(stride[0]); p.stride_w = static_cast<int>(stride[1]);
+  p.pad_h = static_cast<int>(padding[0]); p.pad_w = static_cast<int>(padding[1]);
+  p.dil_h = static_cast<int>(dilation[0]); p.dil_w = static_cast<int>(dilation[1]);
+  p.act = act;
+  if (p.M == 0 || p.K == 0) return;
+  const bool depthwise = groups == p.C && p.Cg == 1;
+  cudaStream_t s = as_stream(stream);
+  const float* b = as_ptr<const float>(bias);
+  float* pmn = as_ptr<float>(pmean);
+  float* pm2p = as_ptr<float>(pm2);
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = as_ptr<const T>(x);
+    const T* wp = as_ptr<const T>(w);
+    const T* rp = as_ptr<const T>(res);
+    T* yp = as_ptr<T>(y);
+    T* zp = as_ptr<T>(z);
+    if (depthwise) {
+      const int64_t gy = ceil_div(p.K, DW_TC);
+      require(gy < 65536, "conv_fwd: too many channels for the depthwise grid");
+      dim3 grid(grid_x(ceil_div(p.M, DW_TP)), static_cast<unsigned>(gy));
+      require(ceil_div(p.M, DW_TP) <= 2147483647LL, "conv_fwd: too many output pixels");
+      conv_depthwise_kernel<T><<<grid, dim3(DW_TC, DW_ROWS), 0, s>>>(p, xp, wp, b, rp, yp, zp, pmn, pm2p);
+      FN_LAUNCH_CHECK("conv_depthwise_kernel");
+    } else {
+      const int64_t gy = ceil_div(p.Kg, BN);
+      require(gy < 65536, "conv_fwd: too many output channels per group for the grid");
+      require(ceil_div(p.M, BM) <= 2147483647LL, "conv_fwd: too many output pixels");
+      dim3 grid(grid_x(ceil_div(p.M, BM)), static_cast<unsigned>(gy), static_cast<unsigned>(groups));
+      constexpr bool kMma = !std::is_same<T, float>::value;
+      conv_gemm_kernel<T, kMma><<<grid, kThreads, 0, s>>>(p, xp, wp, b, rp, yp, zp, pmn, pm2p);
+      FN_LAUNCH_CHECK("conv_gemm_kernel");
+    }
+  });
+}
+
+void conv_stats_finalize(std::uintptr_t pmean, std::uintptr_t pm2, std::uintptr_t mean, std::uintptr_t var,
+                         int64_t tiles, int64_t channels, int64_t rows, int64_t tile, std::uintptr_t stream) {
+  require(tiles == ceil_div(rows, tile) && tile > 0, "conv_stats_finalize: tiles must be ceil(rows / tile)");
+  if (channels == 0 || tiles == 0) return;
+  const int threads = 256;
+  stats_finalize_kernel<<<grid_x(ceil_div(channels, threads)), threads, 0, as_stream(stream)>>>(
+      as_ptr<const float>(pmean), as_ptr<const float>(pm2), as_ptr<float>(mean), as_ptr<float>(var), tiles,
+      channels, rows, tile);
+  FN_LAUNCH_CHECK("stats_finalize_kernel");
+}
+
+void conv_act_grad(std::uintptr_t dy, std::uintptr_t z, std::uintptr_t dz, int64_t n, int act, int dtype,
+                   std::uintptr_t stream) {
+  if (n == 0) return;
+  const int threads = 256;
+  const int64_t blocks = ceil_div(n, threads) < 65536 * 8 ? ceil_div(n, threads) : 65536 * 8;
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    act_grad_kernel<T><<<grid_x(blocks), threads, 0, as_stream(stream)>>>(as_ptr<const T>(dy), as_ptr<const T>(z),
+                                                                         as_ptr<T>(dz), n, act);
+    FN_LAUNCH_CHECK("act_grad_kernel");
+  });
+}
+
+}  // namespace fastnets

@@ -1,0 +1,271 @@
+"""Triton kernels of the fused convolution family (fastnets/ops/conv.py calls the launchers).
+
+- `_conv_gemm_kernel`: implicit GEMM convolution, M = N*OH*OW output pixels by N_gemm = C_out/groups
+  output channels (one group per grid column), K = KH*KW*C_in/groups. fp16/bf16 operands go to the
+  tensor cores through tl.dot with float32 accumulation; fp32 operands use TF32 only when torch
+  allows it for convolutions (`_common.dot_precision(dtype, conv=True)`). The epilogue adds the
+  bias, then either (inference) the residual and the activation, or (training) writes the conv
+  output and the per-(row tile, channel) mean and M2 of this tile for the batch statistics.
+- `_stats_finalize_kernel`: merges the per-tile (count, mean, M2) with Chan's parallel formula
+  (numerically stable, deterministic order) into the per-channel mean and biased variance.
+- `_act_grad_kernel`: dz = act'(z) * dy for the backward of the convolution without batch-norm.
+
+The depthwise convolution has its own direct kernel in kernels/conv_depthwise.py.
+
+Every kernel reads the strides of its tensors (any layout: NCHW, channels_last, strided views);
+channels_last (NHWC) input and a channels_last (OHWI) weight are the fast path, because the
+reduction dimension (input channels) is then contiguous for both tl.dot operands. Offsets that
+can pass 2^31 (the batch index times its stride) are computed in int64.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastnets.kernels import _common
+from fastnets.kernels._activation import act_bwd, act_fwd
+
+# Rows (output pixels) per tile of the training (statistics) launches: fixed, so that the host
+# knows how many partial-statistics rows to allocate whatever configuration the autotuner picks.
+STATS_BLOCK_M = 32 if _common.INTERPRET else 128
+
+
+def _sm90() -> bool:
+    return (not _common.INTERPRET) and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Both architectures: 128x128 and 128x64 tiles for the
+# wide layers, 64-wide for the C_out=64 layers and small batches, BLOCK_K 32 (fp32/TF32) or 64
+# (fp16/bf16), stages within sm_80's 164 KB of shared memory. sm_90 (228 KB, wgmma over 8 warps)
+# adds the larger tiles. Candidates chosen by resource budget, not yet measured: the autotuner
+# times them on the first call of each layer shape and caches the winner by the key below.
+_BOTH = ((128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (128, 64, 64, 4, 3),
+         (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (64, 64, 64, 4, 3), (128, 32, 32, 4, 4))
+_SM90 = ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4))
+
+
+def _gemm_configs(block_m: int | None = None):
+    gpu = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
+                         num_stages=stages)
+           for bm, bn, bk, warps, stages in _BOTH + (_SM90 if _sm90() else ())
+           if block_m is None or bm == block_m]
+    interp = triton.Config({"BLOCK_M": block_m or 32, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 8})
+    return _common.configs(gpu, interp)
+
+
+@triton.jit
+def _conv_gemm(
+    x_ptr,       # input [N, C_in, H, W], strides (sxn, sxc, sxh, sxw), fp32/fp16/bf16
+    w_ptr,       # weight [C_out, C_in/groups, KH, KW], strides (swo, swi, swh, sww), input dtype
+    b_ptr,       # bias [C_out] (float32 or input dtype); read when HAS_BIAS
+    r_ptr,       # residual [N, C_out, OH, OW], strides (srn, src, srh, srw); read when HAS_RES
+    y_ptr,       # output [N, C_out, OH, OW], strides (syn, syc, syh, syw), input dtype
+    z_ptr,       # pre-activation [N, C_out, OH, OW] with y's strides; written when SAVE_Z
+    pmean_ptr,   # [cdiv(M, BLOCK_M), C_out] float32: per-tile channel mean; written when STATS
+    pm2_ptr,     # [cdiv(M, BLOCK_M), C_out] float32: per-tile sum of squared deviations (M2)
+    H, W, OH, OW, C_out,
+    sxn, sxc, sxh, sxw, swo, swi, swh, sww, srn, src, srh, srw, syn, syc, syh, syw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    M,           # N * OH * OW: the GEMM rows
+    CIN_G,       # input channels per group (the reduction per tap)
+    COUT_G,      # output channels per group (the GEMM columns of one group)
+    KH: tl.constexpr, KW: tl.constexpr,
+    FLAT_K: tl.constexpr,    # reduce over the flattened (kh, kw, ci) instead of tap by tap
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr, STATS: tl.constexpr,
+    ACT: tl.constexpr,       # activation code (ops/_activation.py)
+    DOT_PREC: tl.constexpr,  # tl.dot input_precision for fp32 operands ("ieee" or "tf32")
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Tile order: GROUP_M row tiles share their column tiles in L2 before moving on.
+    pid = tl.program_id(0)
+    g = tl.program_id(1)  # the group
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(COUT_G, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
+
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] output pixels (n, oh, ow)
+    m_ok = m < M
+    ohw = OH * OW
+    n_img = m // ohw
+    oh = (m % ohw) // OW
+    ow = m % OW
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    x_row = x_ptr + n_img.to(tl.int64) * sxn + (g * CIN_G).to(tl.int64) * sxc  # [BLOCK_M] pointers
+
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output channel within the group
+    co_ok = co < COUT_G
+    co_g = g * COUT_G + co                        # [BLOCK_N] output channel
+    w_col = w_ptr + co_g * swo                    # [BLOCK_N] pointers
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FLAT_K:
+        # Few channels per group (the RGB stem, narrow groups): one reduction over kh, kw, ci.
+        K = KH * KW * CIN_G
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+            k_ok = k < K
+            ci = k % CIN_G
+            tap = k // CIN_G
+            kh = tap // KW
+            kw = tap % KW
+            ih = ih0[:, None] + (kh * dil_h)[None, :]  # [BLOCK_M, BLOCK_K]
+            iw = iw0[:, None] + (kw * dil_w)[None, :]
+            a_ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_row[:, None] + ih * sxh + iw * sxw + (ci * sxc)[None, :], mask=a_ok, other=0.0)
+            b = tl.load(w_col[None, :] + (ci * swi + kh * swh + kw * sww)[:, None],
+                        mask=k_ok[:, None] & co_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    else:
+        # Tap by tap (kh, kw), BLOCK_K input channels at a time, as ONE loop so that the compiler
+        # pipelines the loads across taps (a 3x3 conv over 64 channels is 9 iterations, not 9 loops
+        # of one).
+        n_chunks = tl.cdiv(CIN_G, BLOCK_K)
+        for t in range(0, KH * KW * n_chunks):
+            tap = t // n_chunks
+            c0 = (t - tap * n_chunks) * BLOCK_K
+            kh = tap // KW
+            kw = tap - kh * KW
+            ih = ih0 + kh * dil_h
+            iw = iw0 + kw * dil_w
+            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)  # [BLOCK_M]
+            ci = c0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+            c_ok = ci < CIN_G
+            a = tl.load((x_row + ih * sxh + iw * sxw)[:, None] + (ci * sxc)[None, :],
+                        mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load((w_col + kh * swh + kw * sww)[None, :] + (ci * swi)[:, None],
+                        mask=c_ok[:, None] & co_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+    # Epilogue: every output element written once.
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + co_g, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+    ok = m_ok[:, None] & co_ok[None, :]
+    if STATS:
+        # This tile's per-channel mean and M2 over its valid rows (merged later by Chan's formula),
+        # of the values as stored (rounded to the output dtype), which the batch-norm then
+        # normalizes: the same numbers torch's batch-norm would see.
+        acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+        cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        mean = tl.sum(tl.where(ok, acc, 0.0), axis=0) / cnt  # [BLOCK_N]
+        dev = tl.where(ok, acc - mean[None, :], 0.0)
+        m2 = tl.sum(dev * dev, axis=0)
+        tl.store(pmean_ptr + pid_m * C_out + co_g, mean, mask=co_ok)
+        tl.store(pm2_ptr + pid_m * C_out + co_g, m2, mask=co_ok)
+    if HAS_RES:
+        r_off = n_img.to(tl.int64)[:, None] * srn + (co_g * src)[None, :] + (oh * srh + ow * srw)[:, None]
+        acc += tl.load(r_ptr + r_off, mask=ok, other=0.0).to(tl.float32)
+    y_off = n_img.to(tl.int64)[:, None] * syn + (co_g * syc)[None, :] + (oh * syh + ow * syw)[:, None]
+    if SAVE_Z:
+        tl.store(z_ptr + y_off, acc.to(z_ptr.dtype.element_ty), mask=ok)
+    acc = act_fwd(acc, ACT)
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+_KEY = ["C_out", "CIN_G", "COUT_G", "H", "W", "OH", "OW", "stride_h", "stride_w", "KH", "KW", "FLAT_K",
+        "HAS_RES", "STATS", "sxc"]
+_conv_gemm_tuned = triton.autotune(_gemm_configs(), key=_KEY)(_conv_gemm)
+# Training launches: the row tile is fixed (STATS_BLOCK_M), see above.
+_conv_gemm_stats_tuned = triton.autotune(_gemm_configs(STATS_BLOCK_M), key=_KEY)(_conv_gemm)
+
+
+@triton.jit
+def _stats_finalize_kernel(
+    pmean_ptr,  # [T, C] float32: per-tile channel means
+    pm2_ptr,    # [T, C] float32: per-tile M2 (sum of squared deviations from the tile mean)
+    mean_ptr,   # [C] float32 out: batch mean
+    var_ptr,    # [C] float32 out: biased batch variance
+    T, C, M,    # number of tiles, channels, rows (tile t holds min(TILE_M, M - t*TILE_M) rows)
+    TILE_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    n_run = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    mean_run = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2_run = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < T
+        cnt = tl.where(t_ok, tl.minimum(M - t * TILE_M, TILE_M), 0).to(tl.float32)  # [BLOCK_T]
+        ok = t_ok[:, None] & c_ok[None, :]
+        mu = tl.load(pmean_ptr + t[:, None] * C + c[None, :], mask=ok, other=0.0)
+        m2 = tl.load(pm2_ptr + t[:, None] * C + c[None, :], mask=ok, other=0.0)
+        # This block of tiles combined (weighted mean, M2 plus the spread of the tile means) ...
+        n_b = tl.sum(cnt, axis=0)
+        mean_b = tl.sum(cnt[:, None] * mu, axis=0) / n_b
+        dev = tl.where(ok, mu - mean_b[None, :], 0.0)
+        m2_b = tl.sum(m2, axis=0) + tl.sum(cnt[:, None] * dev * dev, axis=0)
+        # ... then merged into the running statistics (Chan, Golub and LeVeque).
+        n_new = n_run + n_b
+        delta = mean_b - mean_run
+        mean_run = mean_run + delta * (n_b / n_new)
+        m2_run = m2_run + m2_b + delta * delta * (n_run * (n_b / n_new))
+        n_run = n_new
+    tl.store(mean_ptr + c, mean_run, mask=c_ok)
+    tl.store(var_ptr + c, m2_run / n_run, mask=c_ok)
+
+
+@triton.jit
+def _act_grad_kernel(
+    dy_ptr,  # [numel] gradient of the output, dense (same memory format as z)
+    z_ptr,   # [numel] saved pre-activation (or the output itself for relu/relu6), dense
+    dz_ptr,  # [numel] out: act'(z) * dy, dense, dy's dtype
+    numel, ACT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(dz_ptr + offs, act_bwd(z, dy, ACT).to(dz_ptr.dtype.element_ty), mask=ok)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers. The op (fastnets/ops/conv.py) has checked shapes, dtypes and devices, allocated the
+# outputs and chosen this path (not depthwise).
+
+def _flat_k(cin_g: int, kh: int, kw: int) -> bool:
+    """Flatten the reduction when a tap has too few channels to fill a BLOCK_K of 16-32."""
+    return cin_g < 32 and kh * kw > 1
+
+
+def conv_gemm(x, w, b, res, y, z, pmean, pm2, stride, padding, dilation, groups, act):
+    """y = act(conv(x, w) + b + res) (z = the pre-activation when given), or, with pmean/pm2
+    given, y = conv(x, w) + b and its per-tile statistics (act must be 0 and res None)."""
+    N, C_in, H, W = x.shape
+    C_out, cin_g, KH, KW = w.shape
+    OH, OW = y.shape[2], y.shape[3]
+    M = N * OH * OW
+    stats = pmean is not None
+    cout_g = C_out // groups
+    kernel = _conv_gemm_stats_tuned if stats else _conv_gemm_tuned
+    rs = res.stride() if res is not None else (0, 0, 0, 0)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cout_g, meta["BLOCK_N"]), groups)
+
+    torch.library.wrap_triton(kernel)[grid](
+        x, w, b if b is not None else y, res if res is not None else y, y, z if z is not None else y,
+        pmean if stats else y, pm2 if stats else y,
+        H, W, OH, OW, C_out, *x.stride(), *w.stride(), *rs, *y.stride(),
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], M, cin_g, cout_g,
+        KH=KH, KW=KW, FLAT_K=_flat_k(cin_g, KH, KW), HAS_BIAS=b is not None, HAS_RES=res is not None,
+        SAVE_Z=z is not None, STATS=stats, ACT=act, DOT_PREC=_common.dot_precision(x.dtype, conv=True),
+    )
+
+
+def stats_finalize(pmean, pm2, mean, var, M, tile_m):
+    T, C = pmean.shape
+    block_c = 32 if _common.INTERPRET else 64
+    torch.library.wrap_triton(_stats_finalize_kernel)[(triton.cdiv(C, block_c),)](
+        pmean, pm2, mean, var, T, C, M, TILE_M=tile_m, BLOCK_T=32, BLOCK_C=block_c)
+
+
+def act_grad(dy, z, dz, act):
+    n = dz.numel()
+    block = 1024
+    torch.library.wrap_triton(_act_grad_kernel)[(triton.cdiv(n, block),)](dy, z, dz, n, ACT=act, BLOCK=block)
