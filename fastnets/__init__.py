@@ -8,6 +8,9 @@
 """
 from fastnets._dispatch import BackendError, backends, current_backend, use_backend
 from fastnets import functional, nn  # noqa: E402
+from fastnets import models  # noqa: E402
+from fastnets.fuse import fuse  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["BackendError", "backends", "current_backend", "use_backend", "functional", "nn", "__version__"]
+__all__ = ["BackendError", "backends", "current_backend", "use_backend", "functional", "nn", "models", "fuse",
+           "__version__"]

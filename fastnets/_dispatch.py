@@ -169,11 +169,16 @@ def _is_proven(backend: str, op: str) -> bool:
     return op in _measured.PROVEN.get(backend, {})
 
 
-def choose(op: str, device: torch.device, unsupported: dict[str, str | None] | None = None) -> str:
+def choose(op: str, device: torch.device, unsupported: dict[str, str | None] | None = None,
+           probe=None) -> str:
     """The backend that runs `op` on a tensor of `device` under the current setting.
 
     unsupported maps "triton"/"cuda" to the reason that implementation cannot take this input (or
     None when it can). A forced backend that cannot run raises BackendError with the reason.
+    probe: optional; a call of the torch reference on the same input. When a forced kernel
+    backend cannot take an input (its dtype, say), the probe runs first, so that an input torch
+    itself rejects (a bool or complex tensor) raises torch's own error, not a BackendError; its
+    result is discarded (never a silent fallback).
     """
     unsupported = unsupported or {}
     wanted = _current
@@ -185,6 +190,9 @@ def choose(op: str, device: torch.device, unsupported: dict[str, str | None] | N
             raise BackendError(f"{op}: backend {wanted!r} cannot run here: {why}")
         why = unsupported.get(wanted)
         if why:
+            if probe is not None:
+                with torch.no_grad():
+                    probe()
             raise BackendError(f"{op}: the {wanted} kernel does not support this input: {why}")
         return wanted
     # auto

@@ -382,11 +382,14 @@ def test_fold_is_the_eval_batch_norm():
     x, w, b, bn, _, _ = _inputs(case, torch.float64, "contiguous", "eval", bn_dtype=torch.float64)
     wf, bf = conv_ops.fold_batch_norm(w, b, bn["running_mean"], bn["running_var"], bn["bn_weight"], bn["bn_bias"],
                                       1e-5, dtype=torch.float64)
-    assert bf.dtype == torch.float32
-    y = F.conv2d(x, wf, bf.double(), padding=1)
+    assert bf.dtype == torch.float64  # float32 for every kernel dtype; float64 keeps float64
+    y = F.conv2d(x, wf, bf, padding=1)
     expected = F.batch_norm(F.conv2d(x, w, b, padding=1), bn["running_mean"], bn["running_var"], bn["bn_weight"],
                             bn["bn_bias"], False, 0.0, 1e-5)
-    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    w16 = w.half()
+    assert conv_ops.fold_batch_norm(w16, None, bn["running_mean"].float(), bn["running_var"].float(), None, None,
+                                    1e-5)[1].dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------------------------

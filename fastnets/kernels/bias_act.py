@@ -45,13 +45,15 @@ def bias_act_bwd_kernel(
     b_ptr,  # bias [F] (unused without HAS_BIAS)
     dx_ptr,  # grad of the input [M, F] contiguous, x's dtype
     dbp_ptr,  # partial grad of the bias [P, F] float32, row pid_m (only with NEED_DB)
-    M, F, rows_per_prog,  # program (pid_m, pid_f) takes rows [pid_m * rows_per_prog, + rows_per_prog)
+    M, F, rows_per_prog,  # program (pid_f, pid_m) takes rows [pid_m * rows_per_prog, + rows_per_prog)
     sdym, sdyf, sxm, sxf,
     HAS_BIAS: tl.constexpr, NEED_DB: tl.constexpr, ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)[None, :]
+    # grid: (column blocks, P): the column blocks on axis 0, which has no 65535 limit (F can pass
+    # 65535 * BLOCK_F); P <= 65535 on axis 1.
+    pid_m = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)[None, :]
     col_ok = cols < F
     row_end = tl.minimum((pid_m + 1) * rows_per_prog, M)
     if HAS_BIAS:
@@ -69,7 +71,7 @@ def bias_act_bwd_kernel(
         if NEED_DB:
             acc += tl.sum(dz, axis=0)
     if NEED_DB:
-        c = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        c = tl.program_id(0) * BLOCK_F + tl.arange(0, BLOCK_F)
         tl.store(dbp_ptr + pid_m.to(tl.int64) * F + c, acc, mask=c < F)
 
 
@@ -123,11 +125,11 @@ def bias_act_backward(dy, x, b, dx, db, act: int):
         target = max(1, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count // nfb)
     rows_per_prog = triton.cdiv(triton.cdiv(M, min(target, triton.cdiv(M, bm))), bm) * bm
     P = triton.cdiv(M, rows_per_prog)
-    if P > 65535:  # grid axis 0 may be larger, but keep the partial buffer small
+    if P > 65535:  # grid axis 1 (and the partial buffer) stays within 65535 rows
         rows_per_prog = triton.cdiv(triton.cdiv(M, 65535), bm) * bm
         P = triton.cdiv(M, rows_per_prog)
     dbp = _dispatch.empty((P, F), dtype=torch.float32, device=x.device) if db is not None else None
-    wrap_triton(bias_act_bwd_kernel)[(P, nfb)](
+    wrap_triton(bias_act_bwd_kernel)[(nfb, P)](
         dy, x, b if b is not None else x, dx, dbp if dbp is not None else dx, M, F, rows_per_prog,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
         HAS_BIAS=b is not None, NEED_DB=db is not None, ACT=act, BLOCK_M=bm, BLOCK_F=bf, num_warps=4)

@@ -40,23 +40,21 @@ def apply(x: torch.Tensor, act: int) -> torch.Tensor:
 
 
 def grad(z: torch.Tensor, grad_out: torch.Tensor, act: int) -> torch.Tensor:
-    """Reference backward: d act(z) / dz * grad_out, with z the activation's input (pre-activation),
-    using torch's conventions at the kinks (relu'(0) = 0, relu6'(0) = relu6'(6) = 0) and at NaN
-    (relu and relu6 pass the gradient through a NaN input, as torch's threshold_backward does)."""
+    """Reference backward: d act(z) / dz * grad_out, with z the activation's input (pre-activation,
+    the same dtype as grad_out), through torch's own backward ops (one pass each), so torch's
+    conventions hold at the kinks (relu'(0) = 0, relu6'(0) = relu6'(6) = 0) and at NaN (relu and
+    relu6 pass the gradient through a NaN input, as threshold_backward does)."""
+    aten = torch.ops.aten
     if act == 0:
         return grad_out
     if act == 1:
-        return torch.where(z <= 0, torch.zeros_like(grad_out), grad_out)
+        return aten.threshold_backward(grad_out, z, 0)
     if act == 2:
-        return torch.where((z <= 0) | (z >= 6), torch.zeros_like(grad_out), grad_out)
+        return aten.hardtanh_backward(grad_out, z, 0.0, 6.0)
     if act == 3:
-        s = torch.sigmoid(z)
-        return grad_out * s * (1 + z * (1 - s))
+        return aten.silu_backward(grad_out, z)
     if act == 4:
-        cdf = 0.5 * (1 + torch.erf(z * 0.7071067811865476))
-        pdf = torch.exp(-0.5 * z * z) * 0.3989422804014327
-        return grad_out * (cdf + z * pdf)
+        return aten.gelu_backward(grad_out, z)
     if act == 5:
-        s = torch.sigmoid(z)
-        return grad_out * s * (1 - s)
+        return aten.sigmoid_backward(grad_out, torch.sigmoid(z))
     raise ValueError(f"unknown activation code {act}")

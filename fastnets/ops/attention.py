@@ -14,10 +14,14 @@ documents it in the function's docstring):
   math composite (a "safe" softmax) and its fused flash kernel give (checked in the tests against
   the math backend), not the NaN of a plain softmax; NaN and +inf scores give NaN, as in torch;
 - dropout_p > 0 applies dropout to the attention probabilities whenever it is given (as torch:
-  pass 0.0 in eval). Its mask comes from a counter-based Philox RNG keyed by a seed drawn from
-  torch's default generator of the query's device, so torch.manual_seed makes it reproducible.
-  The keep mask is not torch's (no public RNG of torch's fused kernels can be reproduced), but all
-  three implementations here draw the same one; `dropout_mask()` returns it for tests;
+  pass 0.0 in eval). Its mask is keyed by a seed drawn from torch's default generator of the
+  query's device, so torch.manual_seed makes it reproducible. The kernels (Triton and CUDA) draw it
+  from a counter-based Philox4x32-10 RNG, the same mask in both; the reference draws it from a
+  torch.Generator seeded with the same seed (a Philox in torch ops costs ~200 elementwise passes,
+  which made the CPU path of a Transformer step 10x slower than stock). None of them is torch's
+  own mask (torch's fused kernels' RNG cannot be reproduced). `dropout_mask()` returns a
+  backend's mask, `philox_keep_mask()` the kernels' Philox mask computed with torch ops (the
+  tests' oracle of the kernels' RNG);
 - enable_gqa: Hq a multiple of the key's and the value's heads; query head h reads head
   h // (Hq / Hkv), inside the kernels (no copy). Key and value with different head counts (torch's
   CPU path allows it) are first repeated to the query's heads (a copy). Without enable_gqa
@@ -41,7 +45,8 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------
-# Dropout RNG: the seed, and Philox4x32-10 in torch (the reference's copy of the kernels' RNG).
+# Dropout RNG: the seed, the reference's mask, and Philox4x32-10 in torch ops (the oracle of the
+# kernels' RNG).
 
 def draw_seed(device: torch.device) -> torch.Tensor:
     """A fresh Philox seed, [1] int64 on `device`, from torch's default generator of that device
@@ -78,15 +83,31 @@ def _philox_keep(seed: int, BH: int, L: int, S: int, p: float, device) -> torch.
     return u >= torch.tensor(p, dtype=torch.float32, device=device)
 
 
+def _reference_keep(seed: int, BH: int, L: int, S: int, p: float, device) -> torch.Tensor:
+    """The reference's keep mask [BH, L, S] (bool): uniforms from a torch.Generator of `device`
+    seeded with `seed`, kept iff >= p (float32). The backward regenerates it from the seed."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    u = torch.rand((BH, L, S), generator=gen, dtype=torch.float32, device=device)
+    return u >= torch.tensor(p, dtype=torch.float32, device=device)
+
+
+def philox_keep_mask(rng: torch.Tensor, batch: int, heads: int, L: int, S: int, dropout_p: float) -> torch.Tensor:
+    """Test oracle: the keep mask [batch, heads, L, S] that the Triton and CUDA kernels draw for
+    the seed `rng`, computed with torch ops (Philox4x32-10, slow)."""
+    keep = _philox_keep(int(rng.item()), batch * heads, L, S, _as_f32(dropout_p), rng.device)
+    return keep.view(batch, heads, L, S)
+
+
 def dropout_mask(rng: torch.Tensor, batch: int, heads: int, L: int, S: int, dropout_p: float,
                  backend: str = "torch") -> torch.Tensor:
-    """Debug/test hook: the dropout keep mask [batch, heads, L, S] (bool, True = kept) that the
-    attention kernels apply for the seed `rng` (from `draw_seed`), computed by `backend`'s RNG
-    alone: "torch" (the reference), "triton" or "cuda"."""
+    """Debug/test hook: the dropout keep mask [batch, heads, L, S] (bool, True = kept) that
+    `backend` applies for the seed `rng` (from `draw_seed`), computed by its RNG alone: "torch"
+    (the reference's generator), "triton" or "cuda" (Philox, the same mask in both)."""
     p = _as_f32(dropout_p)
     BH = batch * heads
     if backend == "torch":
-        keep = _philox_keep(int(rng.item()), BH, L, S, p, rng.device)
+        keep = _reference_keep(int(rng.item()), BH, L, S, p, rng.device)
     elif backend == "triton":
         from fastnets.kernels import attention as K
 
@@ -141,7 +162,7 @@ def _ref_probs(q, k, mask, rng, dropout_p, is_causal, scale, lse=None):
     p = torch.exp(s - lse.to(ct).unsqueeze(-1))
     keep = None
     if rng is not None:
-        keep = _philox_keep(int(rng.item()), B * H, L, S, _as_f32(dropout_p), q.device).view(B, H, L, S)
+        keep = _reference_keep(int(rng.item()), B * H, L, S, _as_f32(dropout_p), q.device).view(B, H, L, S)
     return p, keep, lse
 
 
@@ -352,6 +373,8 @@ def _check(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
     if not (query.dtype == key.dtype == value.dtype):
         raise RuntimeError("scaled_dot_product_attention: expected query, key and value to have the same "
                            f"dtype, got {query.dtype}, {key.dtype} and {value.dtype}")
+    if query.is_complex():  # torch's math path fails in its softmax: NotImplementedError
+        raise NotImplementedError(f"scaled_dot_product_attention: not implemented for {query.dtype} inputs")
     if not query.is_floating_point():
         raise RuntimeError(f"scaled_dot_product_attention: query, key and value must be floating point, got "
                            f"{query.dtype}")

@@ -135,7 +135,8 @@ def bias_act(input: torch.Tensor, bias: torch.Tensor | None, activation: str | N
     """act(input + bias) in one pass: input [..., F]; bias [F] (input's dtype, or float32 for a
     float16/bfloat16 input) or None (the activation alone); activation one of "relu", "relu6",
     "silu", "gelu" (exact erf form, F.gelu's default), "sigmoid", None. The sum and the activation
-    are computed in float32; the output has input's shape and dtype and is contiguous."""
+    are computed in float32; the output has input's shape and dtype and is contiguous. Integer and
+    bool inputs (the reference only) follow torch's rules for act(input + bias) exactly."""
     act = A.code(activation)
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"bias_act(): input must be a Tensor, got {type(input).__name__}")
@@ -156,10 +157,19 @@ def bias_act(input: torch.Tensor, bias: torch.Tensor | None, activation: str | N
     if input.numel() == 0:
         z = input + bias.to(input.dtype) if bias is not None else input
         return A.apply(z, act).clone()
+
+    def stock():  # the composite in stock ops: torch's semantics for any dtype (and its errors)
+        return A.apply(input + bias if bias is not None else input, act)
+
     x2 = input.reshape(-1, F)
     why = None if input.dtype in _KERNEL_DTYPES else (
         f"the kernels take float32, float16 or bfloat16 input, got {input.dtype}")
-    backend = _dispatch.choose(OP, input.device, {"triton": why, "cuda": why})
+    backend = _dispatch.choose(OP, input.device, {"triton": why, "cuda": why}, probe=stock)
+    if backend == "torch" and not input.is_floating_point():
+        # Integer and bool inputs: torch's own rules (relu keeps an integer dtype, sigmoid gives a
+        # float, gelu and a bool relu raise), not a float32 computation rounded back to integers.
+        _dispatch.record(OP, "torch")
+        return stock()
     b = bias.contiguous() if bias is not None else None  # the kernels read [F] densely
     return ops[backend](x2, b, act).view(input.shape)
 

@@ -438,20 +438,22 @@ def _unsupported(x, w, groups, rows):
 
 def fold_batch_norm(weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, dtype=None):
     """The convolution equivalent to conv -> batch_norm (eval): returns (weight', bias') with
-    weight' in `dtype` (default: weight's) and bias' in float32 (the kernels add it in float32).
+    weight' in `dtype` (default: weight's) and bias' in float32, or float64 for float64 weights
+    (the kernels add it in float32; float64 runs the reference, which keeps float64 throughout).
 
     scale = bn_weight / sqrt(running_var + eps); weight' = weight * scale (per output channel);
     bias' = (bias - running_mean) * scale + bn_bias. Differentiable (autograd reaches weight, bias,
-    bn_weight, bn_bias through it), computed in float32.
+    bn_weight, bn_bias through it), computed in float32 (float64 for float64 weights).
     """
-    scale = torch.rsqrt(running_var.float() + eps)
+    acc = torch.promote_types(torch.float32, weight.dtype)
+    scale = torch.rsqrt(running_var.to(acc) + eps)
     if bn_weight is not None:
-        scale = scale * bn_weight.float()
-    shift = -running_mean.float() if bias is None else bias.float() - running_mean.float()
+        scale = scale * bn_weight.to(acc)
+    shift = -running_mean.to(acc) if bias is None else bias.to(acc) - running_mean.to(acc)
     b = shift * scale
     if bn_bias is not None:
-        b = b + bn_bias.float()
-    w = (weight.float() * scale.view(-1, 1, 1, 1)).to(dtype or weight.dtype)
+        b = b + bn_bias.to(acc)
+    w = (weight.to(acc) * scale.view(-1, 1, 1, 1)).to(dtype or weight.dtype)
     return w, b
 
 
@@ -537,15 +539,21 @@ def _conv_bn_act(input, weight, bias, running_mean, running_var, bn_weight, bn_b
     parameters or running statistics still normalizes) and cache (dtype -> the inference weight
     and bias, folded and packed once per module; used when no gradient is needed)."""
     act = _activation.code(activation)
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"conv_bn_act(): argument 'input' must be Tensor, not {type(input).__name__}")
     amp = _autocast_dtype(input)
     if amp is not None:
         input = input.to(amp)
         residual = residual.to(amp) if isinstance(residual, torch.Tensor) and residual.is_floating_point() else residual
     x, residual, geo, unbatched = _prepare(input, weight, bias, residual, stride, padding, dilation, groups, amp)
     C_out = weight.shape[0]
-    for t, name in ((running_mean, "running_mean"), (running_var, "running_var"), (bn_weight, "weight"),
-                    (bn_bias, "bias")):
+    named = (("running_mean", running_mean), ("running_var", running_var), ("weight", bn_weight), ("bias", bn_bias))
+    for name, t in named:
         _check_tensor(t, name, x, C_out)
+    from fastnets.ops import norm_act
+
+    # F.batch_norm's rule: one dtype for its tensors, the conv output's, or float32 for half outputs.
+    norm_act._check_param_dtypes(x, named, "conv_bn_act")
     if has_bn is None:
         has_bn = any(t is not None for t in (running_mean, running_var, bn_weight, bn_bias))
     if has_bn and not training and (running_mean is None or running_var is None):
@@ -567,8 +575,6 @@ def _conv_bn_act(input, weight, bias, running_mean, running_var, bn_weight, bn_b
             # would pass through a half-precision folded weight (its rounding, then sums over it),
             # so the convolution runs unfolded and the batch-norm + residual + activation kernel
             # (fastnets.ops.norm_act) follows, with its exact float32 parameter gradients.
-            from fastnets.ops import norm_act
-
             z = _conv_act(x, w, b, None, geo, groups, 0, channels_last, True)
             y = norm_act.batch_norm_act(z, running_mean, running_var, bn_weight, bn_bias, False, momentum, eps,
                                         activation, residual)
@@ -591,12 +597,19 @@ def _pad_asymmetric(x, geo):
     return F.pad(x, (lo[1], hi[1], lo[0], hi[0])), [0, 0]
 
 
+def _probe(x, w, b, stride, padding, dilation, groups):
+    """The stock convolution of the same input: torch's error for an input torch rejects (a bool
+    tensor), run only when a forced kernel backend cannot take the input (_dispatch.choose)."""
+    F.conv2d(x, w, None if b is None else b.to(x.dtype), stride, padding, dilation, groups)
+
+
 def _conv_act(x, w, b, residual, geo, groups, act, channels_last, needs_grad):
     """act(conv(x, w) + b + residual), one kernel (any backend); differentiable."""
     x, pad = _pad_asymmetric(x, geo)
     stride, dilation = list(geo[0]), list(geo[3])
     rows = x.shape[0] * geo[4][0] * geo[4][1]
-    backend = _dispatch.choose("conv_bn_act", x.device, _unsupported(x, w, groups, rows))
+    backend = _dispatch.choose("conv_bn_act", x.device, _unsupported(x, w, groups, rows),
+                               probe=lambda: _probe(x, w, b, stride, pad, dilation, groups))
     save_z = needs_grad and act in (3, 4, 5)
     y, _ = _cba_ops[backend](x, w, b, residual, stride, pad, dilation, groups, act, channels_last, save_z)
     return y
@@ -612,7 +625,8 @@ def _train_bn(x, w, b, running_mean, running_var, bn_weight, bn_bias, residual, 
 
     x, pad = _pad_asymmetric(x, geo)
     rows = x.shape[0] * geo[4][0] * geo[4][1]
-    backend = _dispatch.choose("conv_bn_act", x.device, _unsupported(x, w, groups, rows))
+    backend = _dispatch.choose("conv_bn_act", x.device, _unsupported(x, w, groups, rows),
+                               probe=lambda: _probe(x, w, b, list(geo[0]), pad, list(geo[3]), groups))
     z, mean, var = _stats_ops[backend](x, w, b, list(geo[0]), pad, list(geo[3]), groups, channels_last)
     if z.numel() == 0:
         return z

@@ -73,36 +73,34 @@ def _bwd_fake(dy, dsum, x, residual, weight, bias, mean, rstd, need_dw, need_db)
 def _torch_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                bias: Optional[torch.Tensor], eps: float, store_sum: bool
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stock aten.native_layer_norm (one fused pass on the CPU and the GPU), with its mean/rstd."""
     _dispatch.record(OP, "torch")
     s = x + residual if residual is not None else x
-    y = F.layer_norm(s, (x.shape[1],), weight, bias, eps)
-    sf = s.to(_stat_dtype(x))
-    mean = sf.mean(1)
-    rstd = torch.rsqrt(sf.var(1, unbiased=False) + eps)
+    y, mean, rstd = torch.native_layer_norm(s, (x.shape[1],), weight, bias, eps)
+    st = _stat_dtype(x)
     s_out = torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(s) if store_sum else x.new_empty((0,))
-    return y, s_out, mean, rstd
+    return y, s_out, mean.reshape(-1).to(st), rstd.reshape(-1).to(st)
 
 
 def _torch_bwd(dy: torch.Tensor, dsum: Optional[torch.Tensor], x: torch.Tensor,
                residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor, need_dw: bool,
                need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The layer-norm gradient in stock ops, at float32 or better (see the kernels' docstring)."""
+    """Stock aten.native_layer_norm_backward (statistics in float32 or better), plus the sum's own
+    gradient for add_layer_norm."""
     _dispatch.record(OP, "torch")
-    ct = torch.promote_types(x.dtype, torch.float32)
     s = x + residual if residual is not None else x
-    xhat = (s.to(ct) - mean[:, None].to(ct)) * rstd[:, None].to(ct)
-    dyf = dy.to(ct)
-    wdy = dyf * weight.to(ct) if weight is not None else dyf
-    dx = (wdy - xhat * (wdy * xhat).mean(1, keepdim=True) - wdy.mean(1, keepdim=True)) * rstd[:, None].to(ct)
+    M, N = s.shape
+    dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+        dy, s, [N], mean.view(M, 1), rstd.view(M, 1), weight, bias, [True, need_dw, need_db])
     if dsum is not None:
-        dx = dx + dsum.to(ct)
-    _, dw, db = _bwd_outputs(x, weight, bias, need_dw, need_db, empty=torch.empty)
+        dx = (dx.to(torch.promote_types(x.dtype, torch.float32)) + dsum).to(x.dtype)
+    _, dw_out, db_out = _bwd_outputs(x, weight, bias, need_dw, need_db, empty=torch.empty)
     if need_dw:
-        dw.copy_((dyf * xhat).sum(0))
+        dw_out.copy_(dw)
     if need_db:
-        db.copy_(dyf.sum(0))
-    return dx.to(x.dtype).contiguous(), dw, db
+        db_out.copy_(db)
+    return dx.contiguous(), dw_out, db_out
 
 
 def _triton_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
@@ -270,7 +268,8 @@ def _run(input, shape, weight, bias, eps, residual, store_sum):
     b1 = bias.reshape(N).contiguous() if bias is not None else None
     why = None if input.dtype in _KERNEL_DTYPES else (
         f"the kernels take float32, float16 or bfloat16 input, got {input.dtype}")
-    backend = _dispatch.choose(OP, input.device, {"triton": why, "cuda": why})
+    backend = _dispatch.choose(OP, input.device, {"triton": why, "cuda": why},
+                               probe=lambda: F.layer_norm(x2 if r2 is None else x2 + r2, (N,), w1, b1, eps))
     y, s, _, _ = ops[backend](x2, r2, w1, b1, eps, store_sum)
     return y.view(input.shape), (s.view(input.shape) if store_sum else None)
 

@@ -237,5 +237,6 @@ def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, bet
         input = input.float()
     if size < 1:  # torch's avg_pool3d raises a RuntimeError for a window of size < 1
         raise RuntimeError(f"local_response_norm(): size must be at least 1, got {size}")
-    backend = _dispatch.choose(OP, input.device, _unsupported(input))
+    backend = _dispatch.choose(OP, input.device, _unsupported(input),
+                               probe=lambda: F.local_response_norm(input, size, alpha, beta, k))
     return ops[backend](input, size, alpha, beta, k)

@@ -232,49 +232,45 @@ def _bwd_fake(grad, x, mean, var, weight, bias, residual, eps, act, training, ne
             _alloc(x, fake=True) if need_dr else _nothing(x))
 
 
-def _torch_parts(x, mean, var, weight, bias, residual, eps, act):
-    """Reference: (xhat, z, invstd * w) in the statistics' dtype, per-channel values broadcast."""
+def _torch_z(x, mean, var, weight, bias, residual, eps):
+    """Reference pre-activation z = (x - mean) * invstd * w + b + residual in the statistics' dtype:
+    stock batch_norm in its eval form (one fused pass) with the batch's mean and variance."""
     ct = _stat_dtype(x)
-    shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
-    invstd = 1.0 / torch.sqrt(var.to(ct) + eps)
-    scale = invstd if weight is None else invstd * weight.reshape(-1).to(ct)
-    xhat = (x.to(ct) - mean.to(ct).view(shape)) * invstd.view(shape)
-    z = xhat if weight is None else xhat * weight.reshape(-1).to(ct).view(shape)
-    if bias is not None:
-        z = z + bias.reshape(-1).to(ct).view(shape)
-    if residual is not None:
-        z = z + residual.to(ct)
-    return xhat, z, scale.view(shape)
+    vec = lambda t: t.reshape(-1).to(ct) if t is not None else None  # noqa: E731
+    z = F.batch_norm(x.to(ct), vec(mean), vec(var), vec(weight), vec(bias), False, 0.0, eps)
+    return z.add_(residual) if residual is not None else z
 
 
 def _torch_fwd(x, mean, var, weight, bias, residual, eps, act, training):
     _dispatch.record(OP, "torch")
-    _, z, _ = _torch_parts(x, mean, var, weight, bias, residual, eps, act)
-    return _alloc(x).copy_(_activation.apply(z, act))
+    return _alloc(x).copy_(_activation.apply(_torch_z(x, mean, var, weight, bias, residual, eps), act))
 
 
 def _torch_bwd(grad, x, mean, var, weight, bias, residual, eps, act, training, need_dx, need_dr, need_wb):
+    """Reference backward through stock ops: the activation's backward, then
+    aten.native_batch_norm_backward (training: the full formula through the batch statistics;
+    eval: dz * w * invstd), whose weight and bias gradients are sum(dz * xhat) and sum(dz)."""
     _dispatch.record(OP + "_backward", "torch")
     ct = _stat_dtype(x)
-    xhat, z, scale = _torch_parts(x, mean, var, weight, bias, residual, eps, act)
-    dz = _activation.grad(z, grad.to(ct), act)
-    dims = [0, *range(2, x.dim())]
-    sum_dz = dz.sum(dims) if (need_wb or training) else None
-    sum_dzx = (dz * xhat).sum(dims) if (need_wb or training) else None
+    dz = _activation.grad(_torch_z(x, mean, var, weight, bias, residual, eps), grad.to(ct), act)
     dx, dr = _nothing(x), _nothing(x)
-    if need_dx:
-        if training:
-            n = x.numel() // x.shape[1]
-            shape = scale.shape
-            dxf = (dz - (sum_dz / n).view(shape) - xhat * (sum_dzx / n).view(shape)) * scale
-        else:
-            dxf = dz * scale
-        dx = _alloc(x).copy_(dxf)
     if need_dr:
         dr = _alloc(x).copy_(dz)
+    if not (need_dx or need_wb):
+        return dx, _nothing(x, ct), _nothing(x, ct), dr
+    m, v = mean.reshape(-1).to(ct), var.reshape(-1).to(ct)
+    w = weight.reshape(-1).to(ct) if weight is not None else torch.ones_like(m)
+    mask = [need_dx, need_wb, need_wb]
+    if training:
+        dxf, dw, db = torch.ops.aten.native_batch_norm_backward(dz, x.to(ct), w, None, None, m, torch.rsqrt(v + eps),
+                                                                True, eps, mask)
+    else:
+        dxf, dw, db = torch.ops.aten.native_batch_norm_backward(dz, x.to(ct), w, m, v, None, None, False, eps, mask)
+    if need_dx:
+        dx = _alloc(x).copy_(dxf)
     if not need_wb:
         return dx, _nothing(x, ct), _nothing(x, ct), dr
-    return dx, sum_dzx, sum_dz, dr
+    return dx, dw, db, dr
 
 
 def _kernel_fwd(backend, x, mean, var, weight, bias, residual, eps, act, training):
@@ -419,6 +415,8 @@ def _check_vector(t, name: str, x: torch.Tensor, fn: str) -> None:
     C = x.shape[1]
     if t.numel() != C:
         raise RuntimeError(f"{name} should contain {C} elements not {t.numel()}")
+    if name.startswith(("running_", "batch_")) and t.dim() != 1:  # torch reads them as 1-D (weight, bias: any shape)
+        raise RuntimeError(f"{fn}(): {name} must be 1-D [{C}], got shape {list(t.shape)}")
 
 
 def _check_param_dtypes(x: torch.Tensor, named, fn: str) -> None:
@@ -506,9 +504,9 @@ def batch_norm_act(input: torch.Tensor, running_mean: torch.Tensor | None, runni
     """
     fn = "batch_norm_act"
     act = _activation.code(activation)
+    if training and isinstance(input, torch.Tensor):
+        _verify_batch_size(input)  # first, as F.batch_norm (a 0-d input: IndexError, as there)
     _check_input(input, fn)
-    if training:
-        _verify_batch_size(input)
     momentum = _number(momentum, "momentum", fn)
     eps = _number(eps, "eps", fn)
     if eps < 0:

@@ -112,6 +112,13 @@ def _adaptive_size(op: str, input, output_size) -> list[int]:
         sizes = sizes * 2
     if len(sizes) != 2:
         raise RuntimeError(f"{op}: output_size must have 2 elements, got {len(sizes)}")
+    if op == "adaptive_avg_pool2d" and sizes == [1, 1]:
+        # torch computes this one as input.mean((-1, -2), keepdim=True): any rank from 2, empty
+        # planes included (their mean is NaN); a rank below 2 fails indexing dim -2.
+        if input.dim() < 2:
+            raise IndexError(f"Dimension out of range (expected to be in range of [-1, 0], but got -2): "
+                             f"{op} to 1x1 needs at least 2 dims, got shape {list(input.shape)}")
+        return sizes
     if input.dim() not in (3, 4):
         raise RuntimeError(f"{op}(): expected a 3-D or 4-D input, got shape {list(input.shape)}")
     # adaptive_avg_pool2d needs non-empty H and W; adaptive_max_pool2d every non-batch dimension.
@@ -544,7 +551,8 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     if input.dim() not in (3, 4):
         raise RuntimeError(f"{op}: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, got shape {list(input.shape)}")
     _check_window(op, input, k, s, p, d, ceil_mode)
-    backend = _dispatch.choose(op, input.device, _unsupported(input))
+    backend = _dispatch.choose(op, input.device, _unsupported(input),
+                               probe=lambda: torch.ops.aten.max_pool2d(input, k, s, p, d, ceil_mode))
     out, idx = MAX_POOL2D[backend](input, k, s, p, d, ceil_mode, _needs_indices(input, return_indices))
     return (out, idx) if return_indices else out
 
@@ -572,7 +580,9 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
     if input.dim() < 3:  # torch reads input.size(-3) first: IndexError
         raise IndexError(f"{op}: expected a 3-D (C, H, W) or 4-D (N, C, H, W) input, got shape {list(input.shape)}")
     _check_window(op, input, k, s, p, (1, 1), ceil_mode)
-    backend = _dispatch.choose(op, input.device, _unsupported(input))
+    backend = _dispatch.choose(op, input.device, _unsupported(input),
+                               probe=lambda: torch.ops.aten.avg_pool2d(input, k, s, p, ceil_mode, count_include_pad,
+                                                                       divisor))
     return AVG_POOL2D[backend](input, k, s, p, ceil_mode, count_include_pad, divisor)
 
 
@@ -581,7 +591,14 @@ def adaptive_avg_pool2d(input, output_size):
     ceil((i+1)*H/OH); output_size an int or a pair whose None entries keep the input's size."""
     op = "adaptive_avg_pool2d"
     size = _adaptive_size(op, input, output_size)
-    backend = _dispatch.choose(op, input.device, _unsupported(input))
+    if size == [1, 1] and (input.dim() not in (3, 4) or input.shape[-2] * input.shape[-1] == 0):
+        # torch's global average of any rank (a mean over the last two dims, as aten computes it)
+        if input.shape[-2] * input.shape[-1] == 0:
+            return input.mean((-1, -2), keepdim=True)  # no element to pool: NaN, as torch's mean
+        planes = input.reshape(-1, *input.shape[-2:])  # (M, H, W): the 3-D form of the kernels
+        return adaptive_avg_pool2d(planes, size).reshape(*input.shape[:-2], 1, 1)
+    backend = _dispatch.choose(op, input.device, _unsupported(input),
+                               probe=lambda: torch.ops.aten.adaptive_avg_pool2d(input, size))
     return ADAPTIVE_AVG_POOL2D[backend](input, size)
 
 
@@ -589,6 +606,7 @@ def adaptive_max_pool2d(input, output_size, return_indices=False):
     """torch.nn.functional.adaptive_max_pool2d: the maximum over adaptive windows (and its index)."""
     op = "adaptive_max_pool2d"
     size = _adaptive_size(op, input, output_size)
-    backend = _dispatch.choose(op, input.device, _unsupported(input))
+    backend = _dispatch.choose(op, input.device, _unsupported(input),
+                               probe=lambda: torch.ops.aten.adaptive_max_pool2d(input, size))
     out, idx = ADAPTIVE_MAX_POOL2D[backend](input, size, _needs_indices(input, return_indices))
     return (out, idx) if return_indices else out
