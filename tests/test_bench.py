@@ -398,7 +398,9 @@ def test_measured_tool_ranks_backends_and_reads_the_test_log(tmp_path, capsys):
 def test_pytest_benchmark_suite_runs_the_same_cases(tmp_path):
     """`pytest benchmarks/` collects the harness's cases and times them through pytest-benchmark's
     fixture (one op case on the CPU here)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTNETS_POISON")}
+    # A clean pytest: none of this run's settings (the interpreter, poisoning, xdist worker variables).
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "FASTNETS_POISON") and not k.startswith(("PYTEST_", "XDIST_"))}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks/test_ops.py", "-q", "-p", "no:cacheprovider", "--bench-cpu-ops",
          "--bench-shrink", "16", "--bench-op-batch", "1", "--bench-quick",

@@ -39,6 +39,22 @@ def apply(x: torch.Tensor, act: int) -> torch.Tensor:
     raise ValueError(f"unknown activation code {act}")
 
 
+def apply_(x: torch.Tensor, act: int) -> torch.Tensor:
+    """Reference forward in place where torch has an in-place form (all but gelu); returns the
+    result (x itself, or a new tensor for gelu)."""
+    if act == 0:
+        return x
+    if act == 1:
+        return x.relu_()
+    if act == 2:
+        return F.hardtanh_(x, 0.0, 6.0)
+    if act == 3:
+        return F.silu(x, inplace=True)
+    if act == 5:
+        return x.sigmoid_()
+    return apply(x, act)
+
+
 def grad(z: torch.Tensor, grad_out: torch.Tensor, act: int) -> torch.Tensor:
     """Reference backward: d act(z) / dz * grad_out, with z the activation's input (pre-activation,
     the same dtype as grad_out), through torch's own backward ops (one pass each), so torch's

@@ -46,8 +46,8 @@ def _bwd_fake(dy, x, bias, act, need_db):
 def _torch_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], act: int) -> torch.Tensor:
     _dispatch.record(OP, "torch")
     ct = torch.promote_types(x.dtype, torch.float32)
-    z = x.to(ct) + bias.to(ct) if bias is not None else x.to(ct)
-    return torch.empty(tuple(x.shape), dtype=x.dtype, device=x.device).copy_(A.apply(z, act))
+    z = x.to(ct) + bias.to(ct) if bias is not None else x.to(ct, copy=True)  # a fresh tensor
+    return A.apply_(z, act).to(x.dtype).contiguous()  # in place; no copy for float32 input
 
 
 def _torch_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], act: int,
@@ -185,4 +185,11 @@ def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise RuntimeError("linear_act(): weight must be a 2-D tensor [out_features, in_features], got "
                            f"{list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if (isinstance(input, torch.Tensor) and input.is_floating_point()
+            and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype == input.dtype))
+            and _dispatch.choose(OP, input.device) == "torch"):
+        # The reference path: stock F.linear (addmm: the bias rides along the matmul), then the
+        # activation; the same composite torch users write.
+        _dispatch.record(OP, "torch")
+        return A.apply(torch.nn.functional.linear(input, weight, bias), A.code(activation))
     return bias_act(torch.matmul(input, weight.t()), bias, activation)

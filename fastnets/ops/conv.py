@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from fastnets import _dispatch, _ext, _library
 from fastnets.ops import _activation
+from fastnets.ops.norm_act import batch_stats_reference
 
 __all__ = ["conv_bn_act", "fold_batch_norm"]
 
@@ -251,8 +252,8 @@ def _stats_torch(x, w, b, stride, padding, dilation, groups, channels_last):
     _dispatch.record("conv_bn_act", "torch")
     z = F.conv2d(x, w, b.to(x.dtype) if b is not None else None, stride, padding, dilation, groups)
     z = z.contiguous(memory_format=_fmt(channels_last))
-    var, mean = torch.var_mean(z.float(), dim=(0, 2, 3), unbiased=False)
-    return z, mean, var
+    mean, var = batch_stats_reference(z)
+    return z, mean.float(), var.float()
 
 
 def _stats_outputs(x, w, stride, padding, dilation, channels_last, tile_m):
