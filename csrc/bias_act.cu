@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "activation.h"
+#include "column_reduce.h"
 #include "bias_act.h"
 
 namespace fastnets {
@@ -64,38 +65,6 @@ __global__ void __launch_bounds__(kCols * kRows) bias_act_bwd_kernel(
   }
 }
 
-// out[j] = sum over p of part[p, j], p in order.
-template <class B>
-__global__ void column_sum_kernel(const float* __restrict__ part, B* __restrict__ out, int64_t P, int64_t F) {
-  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < F;
-       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float acc = 0.f;
-    for (int64_t p = 0; p < P; ++p) acc += part[p * F + j];
-    out[j] = from_float<B>(acc);
-  }
-}
-
-int sm_count() {
-  int device = 0, sms = 0;
-  FN_CUDA_CHECK(cudaGetDevice(&device));
-  FN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
-
-// Calls f(T{}, B{}) for the (input, bias) dtype pair: B is T or float.
-template <class Fn>
-void dispatch_pair(int dtype, int bdtype, Fn&& f) {
-  dispatch_float(dtype, [&](auto t) {
-    using T = decltype(t);
-    if (bdtype == dtype) {
-      f(t, T{});
-    } else if (bdtype == kFloat32) {
-      f(t, float{});
-    } else {
-      throw std::invalid_argument("fastnets._C: bias_act: the bias must have the input's dtype or float32");
-    }
-  });
-}
 
 void check(int64_t M, int64_t F, const Shape& sx, int act) {
   require(M >= 1 && F >= 1, "bias_act: M and F must be >= 1 (the op returns early for empty input)");
@@ -108,7 +77,7 @@ void check(int64_t M, int64_t F, const Shape& sx, int act) {
 void bias_act_forward(std::uintptr_t x, std::uintptr_t b, std::uintptr_t y, int64_t M, int64_t F, const Shape& sx,
                       bool has_bias, int act, int dtype, int bdtype, std::uintptr_t stream) {
   check(M, F, sx, act);
-  dispatch_pair(dtype, bdtype, [&](auto t, auto bt) {
+  dispatch_pair(dtype, bdtype, "bias_act", [&](auto t, auto bt) {
     using T = decltype(t);
     using B = decltype(bt);
     const int64_t blocks = std::min<int64_t>(ceil_div(M * F, kThreads), int64_t{1} << 20);
@@ -135,7 +104,7 @@ void bias_act_backward(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t b, st
   float* part = nullptr;
   if (db != 0) FN_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&part), sizeof(float) * groups * F, st));
   try {
-    dispatch_pair(dtype, bdtype, [&](auto t, auto bt) {
+    dispatch_pair(dtype, bdtype, "bias_act", [&](auto t, auto bt) {
       using T = decltype(t);
       using B = decltype(bt);
       const dim3 grid(static_cast<unsigned int>(col_blocks), static_cast<unsigned int>(groups));

@@ -10,6 +10,7 @@
 // second kernel sums the partial rows per column in a fixed order (deterministic, no atomics).
 #include <algorithm>
 
+#include "column_reduce.h"
 #include "layer_norm.h"
 
 namespace fastnets {
@@ -146,38 +147,6 @@ __global__ void __launch_bounds__(kThreads) ln_bwd_kernel(
   }
 }
 
-// out[j] = sum over p of part[p, j], p in order.
-template <class W>
-__global__ void column_sum_kernel(const float* __restrict__ part, W* __restrict__ out, int64_t P, int64_t N) {
-  for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < N;
-       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float acc = 0.f;
-    for (int64_t p = 0; p < P; ++p) acc += part[p * N + j];
-    out[j] = from_float<W>(acc);
-  }
-}
-
-int sm_count() {
-  int device = 0, sms = 0;
-  FN_CUDA_CHECK(cudaGetDevice(&device));
-  FN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
-
-// Calls f(T{}, W{}) for the (input, parameter) dtype pair: W is T or float.
-template <class F>
-void dispatch_pair(int dtype, int wdtype, F&& f) {
-  dispatch_float(dtype, [&](auto t) {
-    using T = decltype(t);
-    if (wdtype == dtype) {
-      f(t, T{});
-    } else if (wdtype == kFloat32) {
-      f(t, float{});
-    } else {
-      throw std::invalid_argument("fastnets._C: layer_norm: parameters must have the input's dtype or float32");
-    }
-  });
-}
 
 void check_common(int64_t M, int64_t N, const Shape& sx, const Shape& sr) {
   require(M >= 1 && N >= 1, "layer_norm: M and N must be >= 1 (the op returns early for empty input)");
@@ -195,7 +164,7 @@ void layer_norm_forward(std::uintptr_t x, std::uintptr_t r, std::uintptr_t w, st
   require(!store_sum || (has_res && s_out != 0), "layer_norm: store_sum needs a residual and an output");
   const Rows a{M, N, sx[0], sx[1], has_res ? sr[0] : 0, has_res ? sr[1] : 0};
   cudaStream_t st = as_stream(stream);
-  dispatch_pair(dtype, wdtype, [&](auto t, auto wt) {
+  dispatch_pair(dtype, wdtype, "layer_norm", [&](auto t, auto wt) {
     using T = decltype(t);
     using W = decltype(wt);
     const W* wp = has_w ? as_ptr<const W>(w) : nullptr;
@@ -240,7 +209,7 @@ void layer_norm_backward(std::uintptr_t dy, std::uintptr_t ds, std::uintptr_t x,
   float* dwp = dw != 0 ? part : nullptr;
   float* dbp = db != 0 ? part + (dw != 0 ? P * N : 0) : nullptr;
   try {
-    dispatch_pair(dtype, wdtype, [&](auto t, auto wt) {
+    dispatch_pair(dtype, wdtype, "layer_norm", [&](auto t, auto wt) {
       using T = decltype(t);
       using W = decltype(wt);
       const W* wp = has_w ? as_ptr<const W>(w) : nullptr;

@@ -51,6 +51,7 @@ from fastnets import functional as FF
 from fastnets import nn as fnn
 from fastnets.models._common import FusedSequential, activation_name
 from fastnets.nn.conv import fused_conv_bn_act
+from fastnets.nn.norm_act import fused_batch_norm_act
 from fastnets.ops import _activation
 
 __all__ = ["fuse", "FuseSummary"]
@@ -98,22 +99,7 @@ def _conv_bn_act_call(input, conv, bn, activation, residual=None):
 
 
 def _bn_act_call(input, bn, activation, residual=None):
-    """nn.BatchNorm2d's forward (its mode, momentum=None as the cumulative average,
-    num_batches_tracked, track_running_stats) with the residual and activation fused."""
-    bn._check_input_dim(input)
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    keep = not bn.training or bn.track_running_stats
-    if residual is not None and not (isinstance(residual, torch.Tensor) and residual.dtype == input.dtype
-                                     and list(torch.broadcast_shapes(residual.shape, input.shape)) == list(input.shape)):
-        out = FF.batch_norm_act(input, bn.running_mean if keep else None, bn.running_var if keep else None,
-                                bn.weight, bn.bias, use_batch_stats, momentum, bn.eps, activation=None)
-        return _activation.apply(out + residual, _activation.code(activation))
-    return FF.batch_norm_act(input, bn.running_mean if keep else None, bn.running_var if keep else None, bn.weight,
-                             bn.bias, use_batch_stats, momentum, bn.eps, activation=activation, residual=residual)
+    return fused_batch_norm_act(input, bn, activation, residual)
 
 
 def _linear_act_call(input, linear, activation):

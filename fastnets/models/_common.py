@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import numbers
 
-import torch
 from torch import nn
 
 from fastnets import functional as FF

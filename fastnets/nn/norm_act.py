@@ -25,16 +25,29 @@ class BatchNormAct2d(nn.BatchNorm2d):
         self.activation = activation
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_input_dim(input)
-        # nn.BatchNorm2d's rules: the factor of the running average, and which statistics normalize.
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        keep = not self.training or self.track_running_stats
-        return batch_norm_act(input, self.running_mean if keep else None, self.running_var if keep else None,
-                              self.weight, self.bias, use_batch_stats, factor, self.eps, self.activation, residual)
+        return fused_batch_norm_act(input, self, self.activation, residual)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation!r}"
+
+
+def fused_batch_norm_act(input: torch.Tensor, bn: nn.BatchNorm2d, activation: str | None = "relu",
+                         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """act(bn(input) + residual) in one fused op, for any nn.BatchNorm2d (BatchNormAct2d's forward,
+    and fastnets.fuse()'s for a stock batch-norm that stays where it is), with nn.BatchNorm2d's
+    rules: its mode, the factor of the running average (momentum=None: the cumulative average),
+    num_batches_tracked, track_running_stats. A residual the fused op cannot take (another dtype,
+    or one that broadcasts the output larger) is added after the batch-norm, as torch would."""
+    bn._check_input_dim(input)
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep = not bn.training or bn.track_running_stats
+    stats = (bn.running_mean if keep else None, bn.running_var if keep else None)
+    if residual is not None and not (isinstance(residual, torch.Tensor) and residual.dtype == input.dtype and
+                                     list(torch.broadcast_shapes(residual.shape, input.shape)) == list(input.shape)):
+        out = batch_norm_act(input, *stats, bn.weight, bn.bias, use_batch_stats, factor, bn.eps, activation=None)
+        return _activation.apply(out + residual, _activation.code(activation))
+    return batch_norm_act(input, *stats, bn.weight, bn.bias, use_batch_stats, factor, bn.eps, activation, residual)
