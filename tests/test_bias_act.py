@@ -275,7 +275,7 @@ def test_cuda_launcher_arguments_match_the_bindings(monkeypatch):
     """On a CPU machine whose fastnets._C has these launchers: the CUDA backend's Python glue calls
     them with arguments pybind11 accepts, and the launcher fails at its first CUDA call, named."""
     mod, why = fastnets._ext.load()
-    if GPU or mod is None or not hasattr(mod, "bias_act_forward"):
+    if GPU or mod is None:  # a built extension must have the launchers (CI builds it)
         pytest.skip("needs a CPU machine with fastnets._C built with the bias_act launchers")
     monkeypatch.setattr(fastnets._ext, "stream", lambda t: 0)
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())

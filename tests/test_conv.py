@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 
 import pytest
 import torch
@@ -31,9 +30,6 @@ from parity import (DEVICE, DOT_DTYPES, DTYPES, GPU, KERNEL_BACKENDS, assert_par
 
 # Stock F.conv2d warns about padding="same" with an even kernel (it pads a copy, as we do).
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths:UserWarning")
-
-HAS_NORM_ACT = importlib.util.find_spec("fastnets.ops.norm_act") is not None
-needs_norm_act = pytest.mark.skipif(not HAS_NORM_ACT, reason="fastnets.ops.norm_act (training batch-norm) missing")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,8 +152,6 @@ def _check(case, dtype, layout, mode, backend):
         assert {op for op, _ in record} == {kernel}, record
         assert_parity(out, ref, stock, "inference output")
         assert out.is_contiguous(memory_format=fmt), f"output strides {out.stride()}, stock {stock.stride()}"
-        if not HAS_NORM_ACT:
-            pytest.skip("inference checked; eval-mode parameter gradients need fastnets.ops.norm_act")
 
     ours_bn = _clone_bn(bn)
     with ran_on(backend) as record:
@@ -198,8 +192,6 @@ PARAMS = [pytest.param(c, m, d, id=f"{c.name}-{m}-{str(d)[6:]}")
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("case,mode,dtype", PARAMS)
 def test_parity_channels_last(backend, case, mode, dtype):
-    if mode == "train" and not HAS_NORM_ACT:
-        pytest.skip("fastnets.ops.norm_act (training batch-norm) missing")
     if mode == "train" and dtype == torch.bfloat16 and not GPU:
         pytest.skip("the Triton interpreter converts float32 to bfloat16 by truncation, not round-to-nearest: "
                     "the batch statistics of the stored bf16 conv output are biased there; bf16 training runs "
@@ -214,8 +206,6 @@ def test_parity_channels_last(backend, case, mode, dtype):
 def test_parity_layouts(backend, case, mode, layout):
     # NCHW input (output NCHW, as F.conv2d gives) and strided views, every case, float32; float16 for
     # the two kernels' main cases.
-    if mode == "train" and not HAS_NORM_ACT:
-        pytest.skip("fastnets.ops.norm_act (training batch-norm) missing")
     _check(case, torch.float32, layout, mode, backend)
     if case.name in ("3x3s2_wide", "dw5x5s2_silu_x2"):
         _check(case, torch.float16, layout, mode, backend)
@@ -291,7 +281,7 @@ def _autocast_check(backend, device, amp_dtype, modes):
 
 def test_autocast_reference():
     # Under torch.autocast the convolution runs in the autocast dtype, as F.conv2d does there.
-    _autocast_check("torch", "cpu", torch.bfloat16, ["eval"] + (["train"] if HAS_NORM_ACT else []))
+    _autocast_check("torch", "cpu", torch.bfloat16, ["eval", "train"])
 
 
 @pytest.mark.gpu
@@ -328,8 +318,6 @@ def test_unbatched_input_and_broadcast_residual(backend):
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
 def test_nan_and_inf_propagate_as_torch(backend, mode):
-    if mode == "train" and not HAS_NORM_ACT:
-        pytest.skip("fastnets.ops.norm_act (training batch-norm) missing")
     case = BY_NAME["3x3s1_bias"]
     x, w, b, bn, _, _ = _inputs(case, torch.float32, "channels_last", mode)
     x = x.detach().clone()
@@ -518,12 +506,12 @@ def test_convbnact_eval_folds_once_and_refolds_on_change(backend):
     m.load_state_dict(other.state_dict())  # a state_dict load (in-place copies)
     check()
     assert m[0].__dict__["_fastnets_folded"] is not entry
-    if HAS_NORM_ACT:  # a training step drops the fold; back in eval mode it is rebuilt from the new statistics
-        with torch.no_grad(), fastnets.use_backend(backend):
-            m.train()(x)
-        assert "_fastnets_folded" not in m[0].__dict__
-        m.eval()
-        check()
+    # a training step drops the fold; back in eval mode it is rebuilt from the new statistics
+    with torch.no_grad(), fastnets.use_backend(backend):
+        m.train()(x)
+    assert "_fastnets_folded" not in m[0].__dict__
+    m.eval()
+    check()
     # the cache is a plain attribute: state_dict is unchanged
     assert list(m.state_dict()) == list(nn.Sequential(nn.Conv2d(5, 7, 3, bias=False), nn.BatchNorm2d(7)).state_dict())
 
@@ -548,7 +536,6 @@ def test_modules_built_in_inference_mode(backend):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@needs_norm_act
 def test_eval_with_grad_reaches_every_parameter(backend):
     conv, bn = _stock_pair(bias=True, padding=1)
     m = ConvBNAct2d.from_modules(conv, bn, activation="silu").eval()
@@ -573,7 +560,6 @@ def test_eval_with_grad_reaches_every_parameter(backend):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("momentum", [0.1, None])
-@needs_norm_act
 def test_convbnact_training_updates_running_stats_like_stock(backend, momentum):
     conv, bn = _stock_pair(cin=6, cout=11, k=3, stride=2, padding=1)
     bn.momentum = momentum
@@ -601,7 +587,6 @@ def test_convbnact_training_updates_running_stats_like_stock(backend, momentum):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-@needs_norm_act
 def test_fused_pair_without_running_stats_or_affine(backend):
     conv = nn.Conv2d(4, 5, 3, padding=1)
     bn = nn.BatchNorm2d(5, affine=False, track_running_stats=False).eval()  # batch stats even in eval
@@ -696,12 +681,12 @@ def _compile_check(backend, device, compile_backend):
             compiled = torch.compile(lambda a, b: mb(a, b), fullgraph=True, backend=compile_backend)(x, r)
             c64, b64 = _double(mb[0], mb[1])
             assert_parity(compiled, F.relu(b64(c64(x.double())) + r.double()), eager, "compiled inference")
-        if HAS_NORM_ACT:  # training with batch statistics, and its backward
-            mb.train()
-            compiled = torch.compile(lambda a, b: mb(a, b), fullgraph=True, backend=compile_backend)(x, r)
-            compiled.backward(dy)
-            assert mb[0].weight.grad is not None and mb[1].weight.grad is not None
-            assert int(mb[1].num_batches_tracked) == 1
+        # training with batch statistics, and its backward
+        mb.train()
+        compiled = torch.compile(lambda a, b: mb(a, b), fullgraph=True, backend=compile_backend)(x, r)
+        compiled.backward(dy)
+        assert mb[0].weight.grad is not None and mb[1].weight.grad is not None
+        assert int(mb[1].num_batches_tracked) == 1
 
 
 def test_compile_fullgraph_reference():

@@ -316,7 +316,7 @@ def test_cuda_launcher_arguments_match_the_bindings(monkeypatch):
     them with arguments pybind11 accepts (a wrong count or type would be a TypeError), and the
     launcher then fails at its first CUDA call, with the call named."""
     mod, why = fastnets._ext.load()
-    if GPU or mod is None or not hasattr(mod, "lrn_forward"):
+    if GPU or mod is None:  # a built extension must have the launchers (CI builds it)
         pytest.skip("needs a CPU machine with fastnets._C built with the LRN launchers")
     _patch_cuda_glue(monkeypatch)
     x = torch.randn(2, 5, 3, 4)
