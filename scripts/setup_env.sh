@@ -20,7 +20,7 @@ else
     fi
     PYBIN="$_root/.venv/bin/python"
     _pip_offline=()
-    if ! "$PYBIN" -c "import torch, triton, pybind11, pytest, xdist, hypothesis, pytest_benchmark, rich, matplotlib" >/dev/null 2>&1; then
+    if ! "$PYBIN" -c "import torch, triton, pybind11, pytest, xdist, pytest_timeout, hypothesis, pytest_benchmark, rich, matplotlib" >/dev/null 2>&1; then
         echo "fastnets: installing requirements-cpu.txt into .venv"
         "$PYBIN" -m pip install -q --disable-pip-version-check -r "$_root/requirements-cpu.txt"
     fi
