@@ -233,6 +233,18 @@ def test_philox_known_answer():
         assert not A.dropout_mask(seed, 1, 1, 1, 1, u + 1e-6, backend).item()
 
 
+def test_dropout_mask_launches_in_chunks_along_grid_z(monkeypatch):
+    """(batch x heads) goes on grid z, whose limit is 65535: the Triton hook splits it into launches
+    (shown here with a limit of 2, so that 2 x 3 heads take three launches) and the mask is unchanged."""
+    if "triton" not in KERNEL_BACKENDS:
+        pytest.skip("the Triton backend is not available")
+    from fastnets.kernels import attention as KA
+    monkeypatch.setattr(KA, "GRID_Z_MAX", 2)
+    seed = A.draw_seed(DEVICE)
+    keep = A.dropout_mask(seed, 2, 3, 9, 11, 0.4, "triton")
+    assert torch.equal(keep, A.philox_keep_mask(seed, 2, 3, 9, 11, 0.4))
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_dropout_mask_is_philox_in_the_kernels_and_has_the_right_rate(backend):
     seed = A.draw_seed(DEVICE)

@@ -144,6 +144,16 @@ def test_many_groups_and_channels(backend):
     torch.testing.assert_close(o, F.scaled_dot_product_attention(q, q, q, is_causal=True), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_dropout_mask_past_65535_batch_heads(backend):
+    """The dropout-mask hook puts (batch x heads) on grid z: past 65535 it launches in chunks, and
+    the mask is still the kernels' Philox stream, element for element."""
+    from fastnets.ops import attention as A
+    seed = A.draw_seed("cuda")
+    keep = A.dropout_mask(seed, 2, 65536 // 2 + 3, 5, 7, 0.3, backend)
+    assert torch.equal(keep, A.philox_keep_mask(seed, 2, 65536 // 2 + 3, 5, 7, 0.3))
+
+
 # ----------------------------------------------------------------------------------------------
 # Streams
 

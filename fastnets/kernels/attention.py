@@ -74,11 +74,13 @@ def _dropout_mask_kernel(
     Rng,            # [1] int64: the Philox seed
     Keep,           # [BH, L, S] uint8 output, contiguous: 1 where kept
     L, S,           # query and key lengths
+    bh0,            # first (batch * head) index of this launch
     p_drop,         # float32 dropout probability
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # grid: (cdiv(S, BLOCK_N), cdiv(L, BLOCK_M), BH) -- a debug/test hook, small sizes only
-    bh = tl.program_id(2)
+    # grid: (cdiv(S, BLOCK_N), cdiv(L, BLOCK_M), min(BH - bh0, 65535)): a test hook; the launcher
+    # splits BH into launches of at most 65535 (the grid's z limit)
+    bh = bh0 + tl.program_id(2)
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)[:, None]
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     keep = philox_keep(tl.load(Rng), bh, rows, cols, p_drop)
@@ -318,11 +320,16 @@ def forward(q, k, v, mask, rng, dropout_p: float, is_causal: bool, scale: float,
         IDX64=needs_int64((q, L, E), (k, S, E), (v, S, EV), (out, L, EV), (mask, L, S)))
 
 
+GRID_Z_MAX = 65535  # CUDA's limit on grid z
+
+
 def dropout_mask(rng: torch.Tensor, BH: int, L: int, S: int, dropout_p: float) -> torch.Tensor:
     """The keep mask [BH, L, S] (bool) that the kernels apply for this seed: the RNG alone."""
     keep = torch.empty(BH, L, S, dtype=torch.uint8, device=rng.device)
     if keep.numel():
-        grid = (triton.cdiv(S, 32), triton.cdiv(L, 32), BH)
-        torch.library.wrap_triton(_dropout_mask_kernel)[grid](rng, keep, L, S, dropout_p, BLOCK_M=32, BLOCK_N=32)
+        for bh0 in range(0, BH, GRID_Z_MAX):
+            grid = (triton.cdiv(S, 32), triton.cdiv(L, 32), min(BH - bh0, GRID_Z_MAX))
+            torch.library.wrap_triton(_dropout_mask_kernel)[grid](rng, keep, L, S, bh0, dropout_p,
+                                                                  BLOCK_M=32, BLOCK_N=32)
     return keep.bool()
 
