@@ -5,6 +5,8 @@ language (tl.load/store, tl.dot, tl.where, reductions, tl.math), no newer-only f
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -20,6 +22,18 @@ def configs(gpu: list[triton.Config], interpreter: triton.Config | None = None) 
     if INTERPRET:
         return [interpreter or gpu[0]]
     return gpu
+
+
+# Autotuning results persist in Triton's cache directory (keyed by the Triton version, the GPU
+# target, the kernel's source, the tuning key and the candidates), so a layer shape is timed once
+# per machine, not once per process. FASTNETS_AUTOTUNE_CACHE=0 times afresh in every process.
+AUTOTUNE_CACHE = os.environ.get("FASTNETS_AUTOTUNE_CACHE", "1") != "0"
+
+
+def autotune(configs: list[triton.Config], key: list[str], **kwargs):
+    """triton.autotune with the on-disk cache of timings (AUTOTUNE_CACHE; the interpreter never
+    caches, Triton turns it off there)."""
+    return triton.autotune(configs=configs, key=key, cache_results=AUTOTUNE_CACHE, **kwargs)
 
 
 def tl_dtype(dtype: torch.dtype):

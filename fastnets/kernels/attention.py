@@ -175,6 +175,11 @@ def tuned_configs(table: dict[int, list[tuple[int, int, int, int]]], interpreter
         d = max(dims)
         wanted = set(table[min(k for k in table if k >= d)] if d <= max(table) else table[max(table)])
         kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+        q = named_args.get("Q", kwargs.get("Q"))
+        if getattr(q, "dtype", None) == torch.float32:
+            # fp32 tiles of 128 x 128 need 225 KB of shared memory (more than sm_80's 163 KB, the
+            # compile reports in benchmarks/results/aot-compile-2026-11-23): smaller tiles only.
+            kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 128] or kept
         return kept or configs[-1:]
 
     return configs, prune
@@ -187,7 +192,7 @@ _FWD_CONFIGS, _fwd_prune = tuned_configs(
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1))
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["seq_bucket", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "DROPOUT"],
+@_common.autotune(configs=_FWD_CONFIGS, key=["seq_bucket", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "DROPOUT"],
                  prune_configs_by={"early_config_prune": _fwd_prune})
 @triton.jit
 def _attn_fwd(

@@ -105,7 +105,7 @@ _DKDV_CONFIGS, _dkdv_prune = tuned_configs(
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1))
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=["seq_bucket", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "DROPOUT"],
+@_common.autotune(configs=_DKDV_CONFIGS, key=["seq_bucket", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "DROPOUT"],
                  prune_configs_by={"early_config_prune": _dkdv_prune})
 @triton.jit
 def _attn_bwd_dkdv(
@@ -234,7 +234,7 @@ _DQ_CONFIGS, _dq_prune = tuned_configs(
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1))
 
 
-@triton.autotune(configs=_DQ_CONFIGS,
+@_common.autotune(configs=_DQ_CONFIGS,
                  key=["seq_bucket", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "DROPOUT", "STORE_DS"],
                  prune_configs_by={"early_config_prune": _dq_prune})
 @triton.jit

@@ -45,6 +45,19 @@ _BOTH = ((128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (128, 
 _SM90 = ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4))
 
 
+def prune_gemm_configs(configs, named_args, **kwargs):
+    """Autotuner early prune: the sm_90-only tiles are for 16-bit operands. In fp32 their pipelined
+    tiles need 262-295 KB of shared memory against sm_90's 227 KB (the compile reports in
+    benchmarks/results/aot-compile-2026-11-23): the autotuner would compile each only to skip it."""
+    x = named_args.get("x_ptr", kwargs.get("x_ptr"))
+    if len(configs) <= 1 or getattr(x, "dtype", None) != torch.float32:
+        return configs
+    big = {(bm, bn, bk, w, s) for bm, bn, bk, w, s in _SM90}
+    kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                                   c.num_stages) not in big]
+    return kept or configs
+
+
 def _gemm_configs(block_m: int | None = None):
     gpu = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps,
                          num_stages=stages)
@@ -167,11 +180,13 @@ def _conv_gemm(
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-_KEY = ["C_out", "CIN_G", "COUT_G", "H", "W", "OH", "OW", "stride_h", "stride_w", "KH", "KW", "FLAT_K",
+# M (batch x output pixels) is in the key: batch 1 and batch 256 of one layer want different tiles.
+_KEY = ["M", "C_out", "CIN_G", "COUT_G", "H", "W", "OH", "OW", "stride_h", "stride_w", "KH", "KW", "FLAT_K",
         "HAS_RES", "STATS", "sxc"]
-_conv_gemm_tuned = triton.autotune(_gemm_configs(), key=_KEY)(_conv_gemm)
+_PRUNE = {"early_config_prune": prune_gemm_configs}
+_conv_gemm_tuned = _common.autotune(_gemm_configs(), key=_KEY, prune_configs_by=_PRUNE)(_conv_gemm)
 # Training launches: the row tile is fixed (STATS_BLOCK_M), see above.
-_conv_gemm_stats_tuned = triton.autotune(_gemm_configs(STATS_BLOCK_M), key=_KEY)(_conv_gemm)
+_conv_gemm_stats_tuned = _common.autotune(_gemm_configs(STATS_BLOCK_M), key=_KEY, prune_configs_by=_PRUNE)(_conv_gemm)
 
 
 @triton.jit

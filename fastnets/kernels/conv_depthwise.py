@@ -91,8 +91,8 @@ def _conv_depthwise(
 
 
 _KEY = ["C_out", "H", "W", "OH", "OW", "stride_h", "stride_w", "KH", "KW", "HAS_RES", "STATS", "sxc"]
-_conv_depthwise_tuned = triton.autotune(_configs(), key=_KEY)(_conv_depthwise)
-_conv_depthwise_stats_tuned = triton.autotune(_configs(STATS_BLOCK_P), key=_KEY)(_conv_depthwise)
+_conv_depthwise_tuned = _common.autotune(_configs(), key=_KEY)(_conv_depthwise)
+_conv_depthwise_stats_tuned = _common.autotune(_configs(STATS_BLOCK_P), key=_KEY)(_conv_depthwise)
 
 
 def conv_depthwise(x, w, b, res, y, z, pmean, pm2, stride, padding, dilation, act):

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from fastnets.kernels._common import configs, next_pow2
+from fastnets.kernels._common import autotune, configs, next_pow2
 
 _I32_MAX = 2**31 - 1
 _MAX_BLOCK_PIX = 1024  # planar tiles: at most this many pixels of one plane (<= the smallest TILE)
@@ -331,9 +331,9 @@ def _global_pool_kernel(
             tl.store(idx_ptr + o_off, arg_out.to(tl.int64), mask=c_ok)
 
 
-_fwd = triton.autotune(_CONFIGS, key=_KEY)(_pool2d_fwd_kernel)
-_bwd = triton.autotune(_CONFIGS, key=_KEY)(_pool2d_bwd_kernel)
-_global = triton.autotune(_GLOBAL_CONFIGS, key=["C", "R", "BLOCK_R", "BLOCK_C", "IS_MAX"])(_global_pool_kernel)
+_fwd = autotune(_CONFIGS, key=_KEY)(_pool2d_fwd_kernel)
+_bwd = autotune(_CONFIGS, key=_KEY)(_pool2d_bwd_kernel)
+_global = autotune(_GLOBAL_CONFIGS, key=["C", "R", "BLOCK_R", "BLOCK_C", "IS_MAX"])(_global_pool_kernel)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,92 @@
+"""The autotuners' early pruning (kernels/conv.py, kernels/attention.py): candidates that cannot fit
+in shared memory never reach the autotuner, and the 16-bit candidates are untouched. Pure functions
+of the candidate list, checked here on the GPU lists (the interpreter itself tunes one config)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from fastnets.kernels import attention as KA  # noqa: E402
+from fastnets.kernels import conv as KC  # noqa: E402
+
+
+def _gemm(rows):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in rows]
+
+
+def _tiles(configs):
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs.get("BLOCK_K"), c.num_warps, c.num_stages)
+            for c in configs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_conv_prune_keeps_every_16_bit_candidate(dtype):
+    configs = _gemm(KC._BOTH + KC._SM90)
+    x = torch.empty(1, dtype=dtype)
+    assert KC.prune_gemm_configs(configs, {"x_ptr": x}) == configs
+
+
+def test_conv_prune_drops_the_sm90_tiles_in_fp32():
+    configs = _gemm(KC._BOTH + KC._SM90)
+    kept = KC.prune_gemm_configs(configs, {"x_ptr": torch.empty(1)})
+    assert _tiles(kept) == list(KC._BOTH)
+    # Every sm_90 tile in fp32 needs more than sm_90's 227 KB: stages x (BM + BN) x BK x 4 bytes.
+    assert all(s * (bm + bn) * bk * 4 > 232448 for bm, bn, bk, _, s in KC._SM90)
+    # Never an empty list, and called as the AOT script calls it (everything in named_args).
+    only = _gemm(KC._SM90[:1])
+    assert KC.prune_gemm_configs(only, {"x_ptr": torch.empty(1)}) == only
+    assert KC.prune_gemm_configs(configs, {}, x_ptr=torch.empty(1)) == kept
+
+
+def _attn(rows):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in rows]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim", [16, 64, 128, 256])
+def test_attention_prune_by_head_dim_and_dtype(dtype, head_dim):
+    table = {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+             128: [(128, 32, 8, 3), (64, 64, 4, 3)],
+             256: [(64, 32, 8, 2)]}
+    rows = sorted({r for v in table.values() for r in v})
+    _, prune = KA.tuned_configs(table, triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}))
+    configs = _attn(rows)
+    q = torch.empty(1, dtype=dtype)
+    kept = prune(configs, {"Q": q, "BLOCK_D": head_dim, "BLOCK_DV": head_dim})
+    wanted = table[min(k for k in table if k >= head_dim)]
+    if dtype == torch.float32:
+        wanted = [r for r in wanted if r[0] * r[1] < 128 * 128]
+    assert sorted(_tiles(kept)) == sorted((bm, bn, None, w, s) for bm, bn, w, s in wanted)
+
+
+def test_every_autotuned_kernel_caches_its_timings_on_disk(monkeypatch):
+    """Each autotuned kernel goes through _common.autotune, which asks Triton to keep the timings on
+    disk (cache_results) unless FASTNETS_AUTOTUNE_CACHE=0; the interpreter never caches."""
+    import pathlib
+
+    from fastnets.kernels import _common
+
+    # No kernel module calls triton.autotune itself (the interpreter turns cache_results off, so
+    # the source is where this shows on the CPU); ten autotuned kernels go through the wrapper.
+    kernels = pathlib.Path(_common.__file__).parent
+    sources = {p.name: p.read_text() for p in kernels.glob("*.py") if p.name != "_common.py"}
+    assert not [name for name, src in sources.items() if "triton.autotune(" in src]
+    assert sum(src.count("autotune(") for src in sources.values()) == 10
+    seen = {}
+    monkeypatch.setattr(triton, "autotune", lambda **kw: seen.update(kw) or (lambda fn: fn))
+    _common.autotune([triton.Config({})], key=["n"])
+    assert seen["cache_results"] is _common.AUTOTUNE_CACHE
+    # The switch, read at import.
+    import importlib
+    import os
+    import subprocess
+    import sys
+    code = "from fastnets.kernels import _common; print(_common.AUTOTUNE_CACHE)"
+    env = {**os.environ, "FASTNETS_AUTOTUNE_CACHE": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    assert importlib.import_module("fastnets.kernels._common").AUTOTUNE_CACHE == (
+        os.environ.get("FASTNETS_AUTOTUNE_CACHE", "1") != "0")
