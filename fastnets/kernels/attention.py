@@ -193,7 +193,7 @@ _FWD_CONFIGS, _fwd_prune = tuned_configs(
 
 
 @_common.autotune(configs=_FWD_CONFIGS, key=["seq_bucket", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "DROPOUT"],
-                 prune_configs_by={"early_config_prune": _fwd_prune})
+                  prune_configs_by={"early_config_prune": _fwd_prune})
 @triton.jit
 def _attn_fwd(
     Q,      # [B, H, L, E] query (any strides)

@@ -106,7 +106,7 @@ _DKDV_CONFIGS, _dkdv_prune = tuned_configs(
 
 
 @_common.autotune(configs=_DKDV_CONFIGS, key=["seq_bucket", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "DROPOUT"],
-                 prune_configs_by={"early_config_prune": _dkdv_prune})
+                  prune_configs_by={"early_config_prune": _dkdv_prune})
 @triton.jit
 def _attn_bwd_dkdv(
     Q,       # [B, H, L, E] query
@@ -235,8 +235,8 @@ _DQ_CONFIGS, _dq_prune = tuned_configs(
 
 
 @_common.autotune(configs=_DQ_CONFIGS,
-                 key=["seq_bucket", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "DROPOUT", "STORE_DS"],
-                 prune_configs_by={"early_config_prune": _dq_prune})
+                  key=["seq_bucket", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "DROPOUT", "STORE_DS"],
+                  prune_configs_by={"early_config_prune": _dq_prune})
 @triton.jit
 def _attn_bwd_dq(
     Q,       # [B, H, L, E] query
