@@ -68,6 +68,38 @@ def _gemm_configs(block_m: int | None = None):
 
 
 @triton.jit
+def conv_epilogue(acc, rows_ok, tile, M, cols, cols_ok, n_img, oh, ow, C_out, b_ptr, r_ptr, y_ptr, z_ptr,
+                  pmean_ptr, pm2_ptr, srn, src, srh, srw, syn, syc, syh, syw, BLOCK_ROWS: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr, STATS: tl.constexpr,
+                  ACT: tl.constexpr):
+    """The fused epilogue of both convolution kernels (this file's implicit GEMM and
+    conv_depthwise.py's direct kernel), every output element written once. acc: the [rows, cols]
+    float32 tile of row tile `tile`; rows are output pixels (n_img, oh, ow), cols output channels.
+    Adds the bias; with STATS, stores this tile's per-channel mean and M2 over its valid rows (merged
+    later by Chan's formula); adds the residual; stores the pre-activation (SAVE_Z) and act(.)."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cols_ok, other=0.0).to(tl.float32)[None, :]
+    ok = rows_ok[:, None] & cols_ok[None, :]
+    if STATS:
+        # Statistics of the values as stored (rounded to the output dtype), which the batch-norm
+        # then normalizes: the same numbers torch's batch-norm would see.
+        acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+        cnt = tl.minimum(M - tile * BLOCK_ROWS, BLOCK_ROWS).to(tl.float32)
+        mean = tl.sum(tl.where(ok, acc, 0.0), axis=0) / cnt
+        dev = tl.where(ok, acc - mean[None, :], 0.0)
+        tl.store(pmean_ptr + tile * C_out + cols, mean, mask=cols_ok)
+        tl.store(pm2_ptr + tile * C_out + cols, tl.sum(dev * dev, axis=0), mask=cols_ok)
+    if HAS_RES:
+        r_off = n_img.to(tl.int64)[:, None] * srn + (cols * src)[None, :] + (oh * srh + ow * srw)[:, None]
+        acc += tl.load(r_ptr + r_off, mask=ok, other=0.0).to(tl.float32)
+    y_off = n_img.to(tl.int64)[:, None] * syn + (cols * syc)[None, :] + (oh * syh + ow * syw)[:, None]
+    if SAVE_Z:
+        tl.store(z_ptr + y_off, acc.to(z_ptr.dtype.element_ty), mask=ok)
+    acc = act_fwd(acc, ACT)
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _conv_gemm(
     x_ptr,       # input [N, C_in, H, W], strides (sxn, sxc, sxh, sxw), fp32/fp16/bf16
     w_ptr,       # weight [C_out, C_in/groups, KH, KW], strides (swo, swi, swh, sww), input dtype
@@ -155,29 +187,8 @@ def _conv_gemm(
                         mask=c_ok[:, None] & co_ok[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
 
-    # Epilogue: every output element written once.
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + co_g, mask=co_ok, other=0.0).to(tl.float32)[None, :]
-    ok = m_ok[:, None] & co_ok[None, :]
-    if STATS:
-        # This tile's per-channel mean and M2 over its valid rows (merged later by Chan's formula),
-        # of the values as stored (rounded to the output dtype), which the batch-norm then
-        # normalizes: the same numbers torch's batch-norm would see.
-        acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
-        cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-        mean = tl.sum(tl.where(ok, acc, 0.0), axis=0) / cnt  # [BLOCK_N]
-        dev = tl.where(ok, acc - mean[None, :], 0.0)
-        m2 = tl.sum(dev * dev, axis=0)
-        tl.store(pmean_ptr + pid_m * C_out + co_g, mean, mask=co_ok)
-        tl.store(pm2_ptr + pid_m * C_out + co_g, m2, mask=co_ok)
-    if HAS_RES:
-        r_off = n_img.to(tl.int64)[:, None] * srn + (co_g * src)[None, :] + (oh * srh + ow * srw)[:, None]
-        acc += tl.load(r_ptr + r_off, mask=ok, other=0.0).to(tl.float32)
-    y_off = n_img.to(tl.int64)[:, None] * syn + (co_g * syc)[None, :] + (oh * syh + ow * syw)[:, None]
-    if SAVE_Z:
-        tl.store(z_ptr + y_off, acc.to(z_ptr.dtype.element_ty), mask=ok)
-    acc = act_fwd(acc, ACT)
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    conv_epilogue(acc, m_ok, pid_m, M, co_g, co_ok, n_img, oh, ow, C_out, b_ptr, r_ptr, y_ptr, z_ptr, pmean_ptr,
+                  pm2_ptr, srn, src, srh, srw, syn, syc, syh, syw, BLOCK_M, HAS_BIAS, HAS_RES, SAVE_Z, STATS, ACT)
 
 
 # M (batch x output pixels) is in the key: batch 1 and batch 256 of one layer want different tiles.

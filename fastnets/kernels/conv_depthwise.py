@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from fastnets.kernels import _common
-from fastnets.kernels._activation import act_fwd
+from fastnets.kernels.conv import conv_epilogue
 
 # Pixels per tile of the training (statistics) launches: fixed so that the host knows how many
 # rows of partial statistics to allocate.
@@ -68,26 +68,8 @@ def _conv_depthwise(
             wv = tl.load(w_ptr + c * swo + kh * swh + kw * sww, mask=c_ok, other=0.0).to(tl.float32)
             acc += xv * wv[None, :]
 
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    ok = p_ok[:, None] & c_ok[None, :]
-    if STATS:
-        # Statistics of the values as stored (rounded to the output dtype), which the batch-norm
-        # then normalizes: the same numbers torch's batch-norm would see.
-        acc = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
-        cnt = tl.minimum(M - pid_p * BLOCK_P, BLOCK_P).to(tl.float32)
-        mean = tl.sum(tl.where(ok, acc, 0.0), axis=0) / cnt  # [BLOCK_C]
-        dev = tl.where(ok, acc - mean[None, :], 0.0)
-        tl.store(pmean_ptr + pid_p * C_out + c, mean, mask=c_ok)
-        tl.store(pm2_ptr + pid_p * C_out + c, tl.sum(dev * dev, axis=0), mask=c_ok)
-    if HAS_RES:
-        r_off = n_img.to(tl.int64)[:, None] * srn + (c * src)[None, :] + (oh * srh + ow * srw)[:, None]
-        acc += tl.load(r_ptr + r_off, mask=ok, other=0.0).to(tl.float32)
-    y_off = n_img.to(tl.int64)[:, None] * syn + (c * syc)[None, :] + (oh * syh + ow * syw)[:, None]
-    if SAVE_Z:
-        tl.store(z_ptr + y_off, acc.to(z_ptr.dtype.element_ty), mask=ok)
-    acc = act_fwd(acc, ACT)
-    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    conv_epilogue(acc, p_ok, pid_p, M, c, c_ok, n_img, oh, ow, C_out, b_ptr, r_ptr, y_ptr, z_ptr, pmean_ptr, pm2_ptr,
+                  srn, src, srh, srw, syn, syc, syh, syw, BLOCK_P, HAS_BIAS, HAS_RES, SAVE_Z, STATS, ACT)
 
 
 _KEY = ["C_out", "H", "W", "OH", "OW", "stride_h", "stride_w", "KH", "KW", "HAS_RES", "STATS", "sxc"]
