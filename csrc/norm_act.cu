@@ -15,6 +15,7 @@
 // 32 neighbouring channels), TC = 1 with TR = 256 lanes along the positions otherwise (NCHW).
 // Elementwise passes (forward, the backward's dx) take one element per thread in the memory order
 // of x (channels fastest for channels_last, positions fastest for NCHW), in a grid-stride loop.
+// The elementwise passes have a 128-bit path for channels_last (V channels per thread, csrc/vec.h).
 // Math in float32. Index arithmetic in I = int32 when every offset fits with margin, else int64.
 #include <algorithm>
 #include <cmath>
@@ -22,6 +23,7 @@
 
 #include "activation.h"
 #include "norm_act.h"
+#include "vec.h"
 
 namespace fastnets {
 namespace {
@@ -199,6 +201,60 @@ __global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ r,
   }
 }
 
+// The 128-bit path of the elementwise passes (channels_last): V = vec_width<T>() neighbouring
+// channels of one position per thread; every tensor has channel stride 1, C and the other strides
+// are multiples of V, and every pointer (the float32 per-channel vectors too) is 16-byte aligned.
+// The same operations as pre_activation, channel by channel.
+template <int V, class T, class I>
+__device__ __forceinline__ void pre_activation_vec(const T* __restrict__ x, const T* __restrict__ r,
+                                                   const View<I>& sx, const View<I>& sr, I n, I c, I s,
+                                                   const Channel& ch, float (&z)[V], float (&xhat)[V],
+                                                   float (&scale)[V]) {
+  float xv[V], mean[V], var[V], w[V], b[V], rv[V];
+  load_vec<V>(x + sx.at(n, c, s), xv);
+  load_vec<V>(ch.mean + c, mean);
+  load_vec<V>(ch.var + c, var);
+  if (ch.w) load_vec<V>(ch.w + c, w);
+  if (ch.b) load_vec<V>(ch.b + c, b);
+  if (r) load_vec<V>(r + sr.at(n, c, s), rv);
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const float invstd = 1.f / sqrtf(var[k] + ch.eps);
+    const float wk = ch.w ? w[k] : 1.f;
+    const float bk = ch.b ? b[k] : 0.f;
+    xhat[k] = (xv[k] - mean[k]) * invstd;
+    scale[k] = invstd * wk;
+    z[k] = xhat[k] * wk + bk;
+    if (r) z[k] += rv[k];
+  }
+}
+
+// The flat vector index i (channels fastest) as (n, first channel, s).
+template <int V, class I>
+__device__ __forceinline__ void split_vec(int64_t i, const Geo<I>& g, I* n, I* c, I* s) {
+  const I e = static_cast<I>(i * V);
+  *c = e % g.C;
+  const I t = e / g.C;
+  *s = t % g.S;
+  *n = t / g.S;
+}
+
+template <class T, class I>
+__global__ void forward_vec_kernel(const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ y, Geo<I> g,
+                                   View<I> sx, View<I> sr, View<I> sy, Channel ch, int act) {
+  constexpr int V = vec_width<T>();
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < g.total / V; i += step) {
+    I n, c, s;
+    split_vec<V>(i, g, &n, &c, &s);
+    float z[V], xhat[V], scale[V];
+    pre_activation_vec<V>(x, r, sx, sr, n, c, s, ch, z, xhat, scale);
+#pragma unroll
+    for (int k = 0; k < V; ++k) z[k] = act_fwd(z[k], act);
+    store_vec<V>(y + sy.at(n, c, s), z);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Backward: the reduction pass (partials, then a fixed-order sum), then the elementwise pass.
 
@@ -276,6 +332,38 @@ __global__ void bwd_apply_kernel(const T* __restrict__ dy, const T* __restrict__
   }
 }
 
+template <class T, class I>
+__global__ void bwd_apply_vec_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r,
+                                     T* __restrict__ dx, T* __restrict__ dr, Geo<I> g, View<I> sdy, View<I> sx,
+                                     View<I> sr, View<I> sdx, View<I> sdr, Channel ch, int act,
+                                     const float* __restrict__ sum_dz, const float* __restrict__ sum_dzx,
+                                     float inv_count, bool train) {
+  constexpr int V = vec_width<T>();
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < g.total / V; i += step) {
+    I n, c, s;
+    split_vec<V>(i, g, &n, &c, &s);
+    float z[V], xhat[V], scale[V], dz[V];
+    pre_activation_vec<V>(x, r, sx, sr, n, c, s, ch, z, xhat, scale);
+    load_vec<V>(dy + sdy.at(n, c, s), dz);
+#pragma unroll
+    for (int k = 0; k < V; ++k) dz[k] = act_bwd(z[k], dz[k], act);
+    if (dr) store_vec<V>(dr + sdr.at(n, c, s), dz);
+    if (dx) {
+      float a[V], b[V], v[V];
+      if (train) {
+        load_vec<V>(sum_dz + c, a);
+        load_vec<V>(sum_dzx + c, b);
+      }
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        v[k] = train ? (dz[k] - a[k] * inv_count - xhat[k] * (b[k] * inv_count)) * scale[k] : dz[k] * scale[k];
+      }
+      store_vec<V>(dx + sdx.at(n, c, s), v);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
@@ -341,6 +429,26 @@ unsigned int elementwise_blocks(int64_t total) {
   return grid_x(std::min<int64_t>(ceil_div(total, kThreads), int64_t{1} << 20));
 }
 
+// The elementwise passes' 128-bit path: channels_last, C a multiple of V, every tensor that is used
+// (pointer not 0) 16-byte aligned with channel stride 1 and its other strides multiples of V, and
+// the float32 per-channel vectors aligned.
+struct Operand {
+  std::uintptr_t ptr;
+  const Shape* strides;  // null: a float32 [C] vector
+};
+bool vector_path(int dtype, bool channels_inner, const Shape& dims, std::initializer_list<Operand> ops,
+                 const Channel& ch) {
+  const int64_t V = dtype == kFloat32 ? 4 : 8;
+  if (!channels_inner || dims[1] % V != 0) return false;
+  for (const Operand& o : ops) {
+    if (o.ptr == 0) continue;
+    if (!aligned({o.ptr})) return false;
+    if (o.strides && ((*o.strides)[1] != 1 || !multiple({(*o.strides)[0], (*o.strides)[2]}, V))) return false;
+  }
+  return aligned({reinterpret_cast<std::uintptr_t>(ch.mean), reinterpret_cast<std::uintptr_t>(ch.var),
+                  reinterpret_cast<std::uintptr_t>(ch.w), reinterpret_cast<std::uintptr_t>(ch.b)});
+}
+
 template <class I>
 void launch_stats_partial(std::uintptr_t x, const Shape& dims, const Shape& sx, bool channels_inner,
                           std::uintptr_t pmean, std::uintptr_t pm2, int64_t P, int64_t rows_per, int dtype,
@@ -362,8 +470,15 @@ void launch_forward(std::uintptr_t x, std::uintptr_t r, std::uintptr_t y, const 
                     const Shape& sr, const Shape& sy, const Channel& ch, int act, bool channels_inner, int dtype,
                     cudaStream_t stream) {
   const Geo<I> g = geometry<I>(dims, channels_inner);
+  const bool vec = vector_path(dtype, channels_inner, dims, {{x, &sx}, {r, &sr}, {y, &sy}}, ch);
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
+    if (vec) {
+      forward_vec_kernel<T, I><<<elementwise_blocks(g.total / vec_width<T>()), kThreads, 0, stream>>>(
+          as_ptr<const T>(x), as_ptr<const T>(r), as_ptr<T>(y), g, view<I>(sx), view<I>(sr), view<I>(sy), ch, act);
+      FN_LAUNCH_CHECK("forward_vec_kernel");
+      return;
+    }
     forward_kernel<T, I><<<elementwise_blocks(g.total), kThreads, 0, stream>>>(
         as_ptr<const T>(x), as_ptr<const T>(r), as_ptr<T>(y), g, view<I>(sx), view<I>(sr), view<I>(sy), ch, act);
     FN_LAUNCH_CHECK("forward_kernel");
@@ -394,6 +509,18 @@ void launch_backward(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t r, std:
     }
     if (dx || dr) {
       const float inv_count = static_cast<float>(1.0 / static_cast<double>(dims[0] * dims[2]));
+      const bool vec = vector_path(dtype, channels_inner, dims,
+                                   {{dy, &sdy}, {x, &sx}, {r, &sr}, {dx, &sdx}, {dr, &sdr}, {sum_dz, nullptr},
+                                    {sum_dzx, nullptr}},
+                                   ch);
+      if (vec) {
+        bwd_apply_vec_kernel<T, I><<<elementwise_blocks(g.total / vec_width<T>()), kThreads, 0, stream>>>(
+            as_ptr<const T>(dy), as_ptr<const T>(x), as_ptr<const T>(r), as_ptr<T>(dx), as_ptr<T>(dr), g,
+            view<I>(sdy), view<I>(sx), view<I>(sr), view<I>(sdx), view<I>(sdr), ch, act, as_ptr<const float>(sum_dz),
+            as_ptr<const float>(sum_dzx), inv_count, train);
+        FN_LAUNCH_CHECK("bwd_apply_vec_kernel");
+        return;
+      }
       bwd_apply_kernel<T, I><<<elementwise_blocks(g.total), kThreads, 0, stream>>>(
           as_ptr<const T>(dy), as_ptr<const T>(x), as_ptr<const T>(r), as_ptr<T>(dx), as_ptr<T>(dr), g, view<I>(sdy),
           view<I>(sx), view<I>(sr), view<I>(sdx), view<I>(sdr), ch, act, as_ptr<const float>(sum_dz),
