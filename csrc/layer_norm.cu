@@ -8,10 +8,14 @@
 // The backward gives every group its own partial dw/db row ([groups, N] float32, in stream-ordered
 // scratch memory), which only that group's threads touch, each always at the same columns; a
 // second kernel sums the partial rows per column in a fixed order (deterministic, no atomics).
+// Both kernels have a 128-bit path (V = 8 halves or 4 floats per load, csrc/vec.h) for contiguous
+// rows with N a multiple of V and aligned pointers; the scalar path reads through the strides.
 #include <algorithm>
+#include <type_traits>
 
 #include "column_reduce.h"
 #include "layer_norm.h"
+#include "vec.h"
 
 namespace fastnets {
 namespace {
@@ -40,15 +44,43 @@ struct Rows {
   int64_t sxm, sxn, srm, srn;  // x and residual strides
 };
 
-template <class T>
-__device__ __forceinline__ float load_sum(const T* __restrict__ x, const T* __restrict__ r, const Rows& a,
-                                          bool has_res, int64_t row, int64_t j) {
-  float v = to_float(x[row * a.sxm + j * a.sxn]);
-  if (has_res) v += to_float(r[row * a.srm + j * a.srn]);
-  return v;
+// Loads V neighbouring elements of row `row` from column j: V = 1 through the strides; V > 1 by
+// 128-bit loads (the launcher has checked column stride 1, N and the row strides multiples of V, and
+// aligned pointers).
+template <int V, class T>
+__device__ __forceinline__ void load_row(const T* __restrict__ p, int64_t sm, int64_t sn, int64_t row, int64_t j,
+                                         float (&out)[V]) {
+  if constexpr (V == 1) {
+    out[0] = to_float(p[row * sm + j * sn]);
+  } else {
+    load_vec<V>(p + row * sm + j, out);
+  }
 }
 
-template <class T, class W, int G>
+template <int V, class T>
+__device__ __forceinline__ void store_row(T* __restrict__ p, int64_t off, const float (&in)[V]) {
+  if constexpr (V == 1) {
+    p[off] = from_float<T>(in[0]);
+  } else {
+    store_vec<V>(p + off, in);
+  }
+}
+
+template <int V, class T>
+__device__ __forceinline__ void load_sum(const T* __restrict__ x, const T* __restrict__ r, const Rows& a,
+                                         bool has_res, int64_t row, int64_t j, float (&v)[V]) {
+  load_row<V>(x, a.sxm, a.sxn, row, j, v);
+  if (has_res) {
+    float rv[V];
+    load_row<V>(r, a.srm, a.srn, row, j, rv);
+#pragma unroll
+    for (int k = 0; k < V; ++k) v[k] += rv[k];
+  }
+}
+
+// V = 1: lane j of a group handles columns j, j + G, ...; V = vec_width<T>(): columns
+// [j * V, j * V + V), [(j + G) * V, ...) by 128-bit loads and stores.
+template <class T, class W, int G, int V>
 __global__ void __launch_bounds__(kThreads) ln_fwd_kernel(
     const T* __restrict__ x,  // [M, N], strides (sxm, sxn)
     const T* __restrict__ r,  // residual [M, N], strides (srm, srn), or null
@@ -66,37 +98,55 @@ __global__ void __launch_bounds__(kThreads) ln_fwd_kernel(
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * groups + threadIdx.x / G; row < a.M;
        row += static_cast<int64_t>(gridDim.x) * groups) {
     float acc = 0.f;
-    for (int64_t j = lane; j < a.N; j += G) {
-      float v = load_sum(x, r, a, has_res, row, j);
+    for (int64_t j = static_cast<int64_t>(lane) * V; j < a.N; j += G * V) {
+      float v[V];
+      load_sum<V>(x, r, a, has_res, row, j, v);
       if (store_sum) {
-        const T t = from_float<T>(v);
-        s_out[row * a.N + j] = t;
-        v = to_float(t);
+#pragma unroll
+        for (int k = 0; k < V; ++k) v[k] = to_float(from_float<T>(v[k]));
+        store_row<V>(s_out, row * a.N + j, v);
       }
-      acc += v;
+#pragma unroll
+      for (int k = 0; k < V; ++k) acc += v[k];
     }
     const float mean = group_sum<G>(acc, red) / static_cast<float>(a.N);
     float acc2 = 0.f;
-    for (int64_t j = lane; j < a.N; j += G) {  // the same thread wrote s_out[row, j] above
-      const float v = store_sum ? to_float(s_out[row * a.N + j]) : load_sum(x, r, a, has_res, row, j);
-      acc2 += (v - mean) * (v - mean);
+    for (int64_t j = static_cast<int64_t>(lane) * V; j < a.N; j += G * V) {  // this thread wrote s_out[row, j..]
+      float v[V];
+      if (store_sum) {
+        load_row<V>(s_out, a.N, 1, row, j, v);
+      } else {
+        load_sum<V>(x, r, a, has_res, row, j, v);
+      }
+#pragma unroll
+      for (int k = 0; k < V; ++k) acc2 += (v[k] - mean) * (v[k] - mean);
     }
     const float rstd = 1.f / sqrtf(group_sum<G>(acc2, red) / static_cast<float>(a.N) + eps);
     if (lane == 0) {
       mean_out[row] = mean;
       rstd_out[row] = rstd;
     }
-    for (int64_t j = lane; j < a.N; j += G) {
-      const float v = store_sum ? to_float(s_out[row * a.N + j]) : load_sum(x, r, a, has_res, row, j);
-      float o = (v - mean) * rstd;
-      if (w != nullptr) o *= to_float(w[j]);
-      if (b != nullptr) o += to_float(b[j]);
-      y[row * a.N + j] = from_float<T>(o);
+    for (int64_t j = static_cast<int64_t>(lane) * V; j < a.N; j += G * V) {
+      float v[V], wv[V], bv[V];
+      if (store_sum) {
+        load_row<V>(s_out, a.N, 1, row, j, v);
+      } else {
+        load_sum<V>(x, r, a, has_res, row, j, v);
+      }
+      if (w != nullptr) load_row<V>(w, 0, 1, 0, j, wv);
+      if (b != nullptr) load_row<V>(b, 0, 1, 0, j, bv);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        v[k] = (v[k] - mean) * rstd;
+        if (w != nullptr) v[k] *= wv[k];
+        if (b != nullptr) v[k] += bv[k];
+      }
+      store_row<V>(y, row * a.N + j, v);
     }
   }
 }
 
-template <class T, class W, int G>
+template <class T, class W, int G, int V>
 __global__ void __launch_bounds__(kThreads) ln_bwd_kernel(
     const T* __restrict__ dy, int64_t sdym, int64_t sdyn,  // grad of y [M, N]
     const T* __restrict__ ds, int64_t sdsm, int64_t sdsn,  // grad of the stored sum [M, N] or null
@@ -117,32 +167,62 @@ __global__ void __launch_bounds__(kThreads) ln_bwd_kernel(
   for (int64_t row = group; row < a.M; row += static_cast<int64_t>(gridDim.x) * groups) {
     const float mean = mean_in[row], rstd = rstd_in[row];
     float c1 = 0.f, c2 = 0.f;
-    for (int64_t j = lane; j < a.N; j += G) {
-      const float xhat = (load_sum(x, r, a, has_res, row, j) - mean) * rstd;
-      float wdy = to_float(dy[row * sdym + j * sdyn]);
-      if (w != nullptr) wdy *= to_float(w[j]);
-      c1 += wdy * xhat;
-      c2 += wdy;
+    for (int64_t j = static_cast<int64_t>(lane) * V; j < a.N; j += G * V) {
+      float xv[V], g[V], wv[V];
+      load_sum<V>(x, r, a, has_res, row, j, xv);
+      load_row<V>(dy, sdym, sdyn, row, j, g);
+      if (w != nullptr) load_row<V>(w, 0, 1, 0, j, wv);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const float xhat = (xv[k] - mean) * rstd;
+        const float wdy = w != nullptr ? g[k] * wv[k] : g[k];
+        c1 += wdy * xhat;
+        c2 += wdy;
+      }
     }
     c1 = group_sum<G>(c1, red) * inv_n;
     c2 = group_sum<G>(c2, red) * inv_n;
-    for (int64_t j = lane; j < a.N; j += G) {
-      const float xhat = (load_sum(x, r, a, has_res, row, j) - mean) * rstd;
-      const float g = to_float(dy[row * sdym + j * sdyn]);
-      const float wdy = w != nullptr ? g * to_float(w[j]) : g;
-      float d = (wdy - xhat * c1 - c2) * rstd;
-      if (ds != nullptr) d += to_float(ds[row * sdsm + j * sdsn]);
-      dx[row * a.N + j] = from_float<T>(d);
+    for (int64_t j = static_cast<int64_t>(lane) * V; j < a.N; j += G * V) {
+      float xv[V], g[V], wv[V], d[V];
+      load_sum<V>(x, r, a, has_res, row, j, xv);
+      load_row<V>(dy, sdym, sdyn, row, j, g);
+      if (w != nullptr) load_row<V>(w, 0, 1, 0, j, wv);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        xv[k] = (xv[k] - mean) * rstd;  // xhat
+        const float wdy = w != nullptr ? g[k] * wv[k] : g[k];
+        d[k] = (wdy - xv[k] * c1 - c2) * rstd;
+      }
+      if (ds != nullptr) {
+        float dsv[V];
+        load_row<V>(ds, sdsm, sdsn, row, j, dsv);
+#pragma unroll
+        for (int k = 0; k < V; ++k) d[k] += dsv[k];
+      }
+      store_row<V>(dx, row * a.N + j, d);
       // This group's own partial row, at this thread's own columns: no other thread touches them.
-      if (dw_row != nullptr) dw_row[j] = (first ? 0.f : dw_row[j]) + g * xhat;
-      if (db_row != nullptr) db_row[j] = (first ? 0.f : db_row[j]) + g;
+      if (dw_row != nullptr) {
+        if (!first) load_row<V>(dw_row, 0, 1, 0, j, d);
+#pragma unroll
+        for (int k = 0; k < V; ++k) d[k] = (first ? 0.f : d[k]) + g[k] * xv[k];
+        store_row<V>(dw_row, j, d);
+      }
+      if (db_row != nullptr) {
+        if (!first) load_row<V>(db_row, 0, 1, 0, j, d);
+#pragma unroll
+        for (int k = 0; k < V; ++k) d[k] = (first ? 0.f : d[k]) + g[k];
+        store_row<V>(db_row, j, d);
+      }
     }
     first = false;
   }
   if (first) {  // a group without rows still owns a partial row: zero it
-    for (int64_t j = lane; j < a.N; j += G) {
-      if (dw_row != nullptr) dw_row[j] = 0.f;
-      if (db_row != nullptr) db_row[j] = 0.f;
+    float zero[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) zero[k] = 0.f;
+    for (int64_t j = static_cast<int64_t>(lane) * V; j < a.N; j += G * V) {
+      if (dw_row != nullptr) store_row<V>(dw_row, j, zero);
+      if (db_row != nullptr) store_row<V>(db_row, j, zero);
     }
   }
 }
@@ -169,18 +249,26 @@ void layer_norm_forward(std::uintptr_t x, std::uintptr_t r, std::uintptr_t w, st
     using W = decltype(wt);
     const W* wp = has_w ? as_ptr<const W>(w) : nullptr;
     const W* bp = has_b ? as_ptr<const W>(b) : nullptr;
+    const auto launch = [&](auto g_tag, auto v_tag) {
+      constexpr int G = decltype(g_tag)::value, V = decltype(v_tag)::value;
+      const int64_t blocks = std::min<int64_t>(G == 32 ? ceil_div(M, kThreads / 32) : M, 65536);
+      ln_fwd_kernel<T, W, G, V><<<grid_x(blocks), kThreads, 0, st>>>(
+          as_ptr<const T>(x), as_ptr<const T>(r), wp, bp, as_ptr<T>(y), as_ptr<T>(s_out), as_ptr<float>(mean),
+          as_ptr<float>(rstd), a, static_cast<float>(eps), has_res, store_sum);
+      FN_LAUNCH_CHECK("ln_fwd_kernel");
+    };
+    constexpr int V = vec_width<T>();
+    // 128-bit path: contiguous rows, N and the row strides multiples of V, aligned pointers.
+    const bool vec = sx[1] == 1 && (!has_res || sr[1] == 1) && multiple({N, sx[0], has_res ? sr[0] : 0}, V) &&
+                     aligned({x, has_res ? r : 0, has_w ? w : 0, has_b ? b : 0, y, store_sum ? s_out : 0});
+    using G32 = std::integral_constant<int, 32>;
+    using GBlock = std::integral_constant<int, kThreads>;
+    using V1 = std::integral_constant<int, 1>;
+    using VW = std::integral_constant<int, V>;
     if (N <= 1024) {
-      const int64_t blocks = std::min<int64_t>(ceil_div(M, kThreads / 32), 65536);
-      ln_fwd_kernel<T, W, 32><<<grid_x(blocks), kThreads, 0, st>>>(
-          as_ptr<const T>(x), as_ptr<const T>(r), wp, bp, as_ptr<T>(y), as_ptr<T>(s_out), as_ptr<float>(mean),
-          as_ptr<float>(rstd), a, static_cast<float>(eps), has_res, store_sum);
-      FN_LAUNCH_CHECK("ln_fwd_kernel<32>");
+      vec ? launch(G32{}, VW{}) : launch(G32{}, V1{});
     } else {
-      const int64_t blocks = std::min<int64_t>(M, 65536);
-      ln_fwd_kernel<T, W, kThreads><<<grid_x(blocks), kThreads, 0, st>>>(
-          as_ptr<const T>(x), as_ptr<const T>(r), wp, bp, as_ptr<T>(y), as_ptr<T>(s_out), as_ptr<float>(mean),
-          as_ptr<float>(rstd), a, static_cast<float>(eps), has_res, store_sum);
-      FN_LAUNCH_CHECK("ln_fwd_kernel<256>");
+      vec ? launch(GBlock{}, VW{}) : launch(GBlock{}, V1{});
     }
   });
 }
@@ -215,16 +303,27 @@ void layer_norm_backward(std::uintptr_t dy, std::uintptr_t ds, std::uintptr_t x,
       const W* wp = has_w ? as_ptr<const W>(w) : nullptr;
       const T* dsp = has_ds ? as_ptr<const T>(ds) : nullptr;
       const int64_t sdsm = has_ds ? sds[0] : 0, sdsn = has_ds ? sds[1] : 0;
+      const auto launch = [&](auto g_tag, auto v_tag) {
+        constexpr int G = decltype(g_tag)::value, V = decltype(v_tag)::value;
+        ln_bwd_kernel<T, W, G, V><<<grid_x(blocks), kThreads, 0, st>>>(
+            as_ptr<const T>(dy), sdy[0], sdy[1], dsp, sdsm, sdsn, as_ptr<const T>(x), as_ptr<const T>(r), wp,
+            as_ptr<const float>(mean), as_ptr<const float>(rstd), as_ptr<T>(dx), dwp, dbp, a, has_res);
+        FN_LAUNCH_CHECK("ln_bwd_kernel");
+      };
+      constexpr int V = vec_width<T>();
+      // 128-bit path: contiguous rows, N and the row strides multiples of V, aligned pointers (the
+      // partial rows: cudaMallocAsync's 256-byte alignment, offsets P * N floats with N % V == 0).
+      const bool vec = sdy[1] == 1 && sx[1] == 1 && (!has_res || sr[1] == 1) && (!has_ds || sdsn == 1) &&
+                       multiple({N, sdy[0], sx[0], has_res ? sr[0] : 0, sdsm}, V) &&
+                       aligned({dy, has_ds ? ds : 0, x, has_res ? r : 0, has_w ? w : 0, dx});
+      using G32 = std::integral_constant<int, 32>;
+      using GBlock = std::integral_constant<int, kThreads>;
+      using V1 = std::integral_constant<int, 1>;
+      using VW = std::integral_constant<int, V>;
       if (wide) {
-        ln_bwd_kernel<T, W, kThreads><<<grid_x(blocks), kThreads, 0, st>>>(
-            as_ptr<const T>(dy), sdy[0], sdy[1], dsp, sdsm, sdsn, as_ptr<const T>(x), as_ptr<const T>(r), wp,
-            as_ptr<const float>(mean), as_ptr<const float>(rstd), as_ptr<T>(dx), dwp, dbp, a, has_res);
-        FN_LAUNCH_CHECK("ln_bwd_kernel<256>");
+        vec ? launch(GBlock{}, VW{}) : launch(GBlock{}, V1{});
       } else {
-        ln_bwd_kernel<T, W, 32><<<grid_x(blocks), kThreads, 0, st>>>(
-            as_ptr<const T>(dy), sdy[0], sdy[1], dsp, sdsm, sdsn, as_ptr<const T>(x), as_ptr<const T>(r), wp,
-            as_ptr<const float>(mean), as_ptr<const float>(rstd), as_ptr<T>(dx), dwp, dbp, a, has_res);
-        FN_LAUNCH_CHECK("ln_bwd_kernel<32>");
+        vec ? launch(G32{}, VW{}) : launch(G32{}, V1{});
       }
       const unsigned int cblocks = grid_x(std::min<int64_t>(ceil_div(N, kThreads), 65536));
       if (dwp != nullptr) {
