@@ -20,7 +20,9 @@ else
     fi
     PYBIN="$_root/.venv/bin/python"
     _pip_offline=()
-    if ! "$PYBIN" -c "import torch, triton, pybind11, pytest, xdist, pytest_timeout, hypothesis, pytest_benchmark, rich, matplotlib" >/dev/null 2>&1; then
+    # torchvision and timm are checked as installed distributions, not imported: torchvision's
+    # compiled ops cannot load against the CPU torch (tests/_thirdparty.py explains and handles it).
+    if ! "$PYBIN" -c "import torch, triton, pybind11, pytest, xdist, pytest_timeout, hypothesis, pytest_benchmark, rich, matplotlib; import importlib.metadata as md; [md.version(p) for p in ('torchvision', 'timm', 'huggingface_hub', 'safetensors')]" >/dev/null 2>&1; then
         echo "fastnets: installing requirements-cpu.txt into .venv"
         "$PYBIN" -m pip install -q --disable-pip-version-check -r "$_root/requirements-cpu.txt"
     fi

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastnets
+import _thirdparty
 import parity
 from fastnets import _dispatch, models
 from fastnets import nn as fnn
@@ -269,7 +270,7 @@ def test_fuse_inplace_must_be_a_bool():
 
 @pytest.mark.parametrize("name", ["resnet18", "googlenet", "densenet121", "efficientnet_b0", "vgg11_bn", "vit_b_16"])
 def test_fuse_torchvision_models(name):
-    tvm = pytest.importorskip("torchvision.models", reason="torchvision is not installed")
+    tvm = _thirdparty.torchvision().models  # skips the test where torchvision is not installed
     kwargs = {"image_size": 32} if name == "vit_b_16" else {}
     stock = randomize(getattr(tvm, name)(**kwargs)).eval()
     for m in stock.modules():

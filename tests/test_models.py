@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import _thirdparty
 import parity
 from fastnets import _dispatch, models
 from fastnets.models import efficientnet as effnet
@@ -48,7 +49,7 @@ def test_state_dict_keys_and_shapes_are_torchvisions(name, fused):
 
 
 def _torchvision():
-    return pytest.importorskip("torchvision.models", reason="torchvision is not installed")
+    return _thirdparty.torchvision().models  # skips the test where torchvision is not installed
 
 
 @pytest.mark.parametrize("name,size", [("alexnet", 64), ("vgg11_bn", 32), ("googlenet", 32), ("resnet18", 32),
