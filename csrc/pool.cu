@@ -34,6 +34,7 @@ struct Geom {
   int64_t divisor;  // average: divisor_override, 0 when none
   bool is_max, adaptive, count_include_pad;
   bool channels_last;  // thread order: channels fastest, else columns fastest
+  bool idx_pairs;      // the indices' channels are contiguous and 16-byte aligned in pairs: 128-bit access
 };
 
 template <class I> __device__ __forceinline__ I imin(I a, I b) { return a < b ? a : b; }
@@ -167,9 +168,19 @@ pool2d_forward_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t* __r
     }
     store_vec<T, VEC>(out + n * g.so[0] + c * g.so[1] + oh * g.so[2] + ow * g.so[3], acc);
     if (idx != nullptr) {
+      int64_t* ip = idx + n * g.si[0] + c * g.si[1] + oh * g.si[2] + ow * g.si[3];
+      if constexpr (VEC >= 2) {
+        if (g.idx_pairs) {  // two indices per 128-bit store
 #pragma unroll
-      for (int j = 0; j < VEC; ++j)
-        idx[n * g.si[0] + (c + j) * g.si[1] + oh * g.si[2] + ow * g.si[3]] = static_cast<int64_t>(arg[j]);
+          for (int j = 0; j < VEC; j += 2) {
+            reinterpret_cast<longlong2*>(ip)[j / 2] = make_longlong2(static_cast<int64_t>(arg[j]),
+                                                                     static_cast<int64_t>(arg[j + 1]));
+          }
+          continue;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) ip[j * g.si[1]] = static_cast<int64_t>(arg[j]);
     }
   }
 }
@@ -203,9 +214,25 @@ pool2d_backward_kernel(const T* __restrict__ gout, const int64_t* __restrict__ i
         load_vec<T, VEC>(gout + n * g.so[0] + c * g.so[1] + oh * g.so[2] + ow * g.so[3], gv);
         if (g.is_max) {
           const int64_t* ip = idx + n * g.si[0] + c * g.si[1] + oh * g.si[2] + ow * g.si[3];
+          int64_t iv[VEC];
+          if constexpr (VEC >= 2) {
+            if (g.idx_pairs) {  // two indices per 128-bit load
+#pragma unroll
+              for (int j = 0; j < VEC; j += 2) {
+                const longlong2 pr = reinterpret_cast<const longlong2*>(ip)[j / 2];
+                iv[j] = pr.x;
+                iv[j + 1] = pr.y;
+              }
+            } else {
+#pragma unroll
+              for (int j = 0; j < VEC; ++j) iv[j] = ip[j * g.si[1]];
+            }
+          } else {
+            iv[0] = ip[0];
+          }
 #pragma unroll
           for (int j = 0; j < VEC; ++j)
-            if (ip[j * g.si[1]] == static_cast<int64_t>(target)) acc[j] += gv[j];
+            if (iv[j] == static_cast<int64_t>(target)) acc[j] += gv[j];
         } else {
           const float d = avg_divisor(g, oh, ow);  // not 0: the window holds (h, w)
 #pragma unroll
@@ -351,7 +378,7 @@ int vec_width(int64_t C, int elem_bytes, std::initializer_list<std::pair<std::ui
 template <class I>
 Geom<I> make_geom(const Shape& in_shape, const Shape& out_shape, const Shape& sx, const Shape& so, const Shape& si,
                   const Shape& window, int64_t divisor, bool is_max, bool adaptive, bool count_include_pad,
-                  bool channels_last) {
+                  bool channels_last, bool idx_pairs) {
   Geom<I> g{};
   g.N = static_cast<I>(in_shape[0]), g.C = static_cast<I>(in_shape[1]);
   g.H = static_cast<I>(in_shape[2]), g.W = static_cast<I>(in_shape[3]);
@@ -368,6 +395,7 @@ Geom<I> make_geom(const Shape& in_shape, const Shape& out_shape, const Shape& sx
   g.divisor = divisor;
   g.is_max = is_max, g.adaptive = adaptive, g.count_include_pad = count_include_pad;
   g.channels_last = channels_last;
+  g.idx_pairs = idx_pairs;
   return g;
 }
 
@@ -378,6 +406,12 @@ void check_window(bool adaptive, const Shape& window) {
     require(window[d] > 0 && window[2 + d] > 0 && window[6 + d] > 0, "kernel, stride and dilation must be positive");
     require(window[4 + d] >= 0, "padding must be non-negative");
   }
+}
+
+// Whether the int64 indices move two per 128-bit access on the vector paths: channel stride 1,
+// the other strides even, the pointer 16-byte aligned (VEC channels start at an even channel).
+bool pairs_ok(std::uintptr_t idx, const Shape& si) {
+  return idx != 0 && idx % 16 == 0 && si[1] == 1 && si[0] % 2 == 0 && si[2] % 2 == 0 && si[3] % 2 == 0;
 }
 
 // Whether int32 indexing is exact: every offset, flat index and product below 2^31.
@@ -432,6 +466,7 @@ void pool2d_forward(std::uintptr_t x, const Shape& x_shape, const Shape& x_strid
                                   OW * window[3] + (window[1] + 1) * window[7] + W + window[5]});
   const bool channels_last = out_strides[1] == 1 && x_shape[1] > 1;
   int64_t* idx = is_max && indices ? as_ptr<int64_t>(indices) : nullptr;
+  const bool idx_pairs = pairs_ok(idx != nullptr ? indices : 0, idx_strides);
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     const int vec = channels_last ? vec_width(x_shape[1], sizeof(T), {{x, &x_strides}, {out, &out_strides}}) : 1;
@@ -440,12 +475,14 @@ void pool2d_forward(std::uintptr_t x, const Shape& x_shape, const Shape& x_strid
       if (narrow) {
         run_forward<T, int32_t, VEC>(as_ptr<const T>(x), as_ptr<T>(out), idx,
                                      make_geom<int32_t>(x_shape, out_shape, x_strides, out_strides, idx_strides, window,
-                                                        divisor, is_max, adaptive, count_include_pad, channels_last),
+                                                        divisor, is_max, adaptive, count_include_pad, channels_last,
+                                                        idx_pairs),
                                      as_stream(stream));
       } else {
         run_forward<T, int64_t, VEC>(as_ptr<const T>(x), as_ptr<T>(out), idx,
                                      make_geom<int64_t>(x_shape, out_shape, x_strides, out_strides, idx_strides, window,
-                                                        divisor, is_max, adaptive, count_include_pad, channels_last),
+                                                        divisor, is_max, adaptive, count_include_pad, channels_last,
+                                                        idx_pairs),
                                      as_stream(stream));
       }
     });
@@ -470,6 +507,7 @@ void pool2d_backward(std::uintptr_t grad_out, const Shape& go_shape, const Shape
                                   W + window[5] + window[1] * window[7] + window[3]});
   const bool channels_last = gi_strides[1] == 1 && gi_shape[1] > 1;
   const int64_t* idx = is_max ? as_ptr<const int64_t>(indices) : nullptr;
+  const bool idx_pairs = pairs_ok(is_max ? indices : 0, idx_strides);
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     const int vec =
@@ -479,12 +517,14 @@ void pool2d_backward(std::uintptr_t grad_out, const Shape& go_shape, const Shape
       if (narrow) {
         run_backward<T, int32_t, VEC>(as_ptr<const T>(grad_out), idx, as_ptr<T>(grad_in),
                                       make_geom<int32_t>(gi_shape, go_shape, gi_strides, go_strides, idx_strides, window,
-                                                         divisor, is_max, adaptive, count_include_pad, channels_last),
+                                                         divisor, is_max, adaptive, count_include_pad, channels_last,
+                                                        idx_pairs),
                                       as_stream(stream));
       } else {
         run_backward<T, int64_t, VEC>(as_ptr<const T>(grad_out), idx, as_ptr<T>(grad_in),
                                       make_geom<int64_t>(gi_shape, go_shape, gi_strides, go_strides, idx_strides, window,
-                                                         divisor, is_max, adaptive, count_include_pad, channels_last),
+                                                         divisor, is_max, adaptive, count_include_pad, channels_last,
+                                                        idx_pairs),
                                       as_stream(stream));
       }
     });
