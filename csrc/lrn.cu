@@ -5,11 +5,14 @@
 // A thread re-reads the window's neighbouring channels, which its neighbours read too: one pass
 // over DRAM, the repeats come from L1/L2. The backward recomputes d over the transposed window
 // instead of reading a saved copy. Math in float32; powf as torch's pow (NaN, 0 and negative bases).
-// Index arithmetic in I = int32 when every offset fits, else int64.
+// Index arithmetic in I = int32 when every offset fits, else int64. channels_last tensors with C a
+// multiple of 8 (16-bit) or 4 (fp32) and windows of at most 9 channels take a 128-bit path (below).
 #include <algorithm>
 #include <cstdlib>
+#include <utility>
 
 #include "lrn.h"
+#include "vec.h"
 
 namespace fastnets {
 namespace {
@@ -113,6 +116,153 @@ __global__ void lrn_bwd_kernel(const T* __restrict__ gy,  // grad of the output 
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The 128-bit path for channels_last (every tensor with channel stride 1, C and the other strides
+// multiples of V = vec_width<T>(), aligned pointers) and size <= kMaxVecSize: a thread computes V
+// neighbouring channels of one position. It loads its own vector and kHalo neighbouring vectors on
+// each side (zeros outside [0, C)), enough for every window it needs (offsets -4..4 around a channel
+// for the forward; the backward needs the windows of the channels within 4 of its own, 8 away),
+// so that every register index is a compile-time constant. The sums run over the window in the
+// same ascending order as the scalar kernels, and a channel outside [0, C) adds an exact zero.
+constexpr int kMaxVecSize = 9;  // window offsets within [-4, 4]
+constexpr int kReach = kMaxVecSize / 2;
+
+// Loads the (2 * H + 1) * V values of channels [c0 - H * V, c0 + (H + 1) * V) at xb (channel 0 of
+// one position), zeros outside [0, C).
+template <int V, int H, class T, class I>
+__device__ __forceinline__ void load_neighbourhood(const T* __restrict__ xb, I c0, I C, float (&v)[(2 * H + 1) * V]) {
+#pragma unroll
+  for (int h = -H; h <= H; ++h) {
+    const I cc = c0 + h * V;
+    float part[V];
+    if (cc >= 0 && cc < C) {
+      load_vec<V>(xb + cc, part);
+    } else {
+#pragma unroll
+      for (int k = 0; k < V; ++k) part[k] = 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) v[(h + H) * V + k] = part[k];
+  }
+}
+
+// The window sum of squares around register index P (a compile-time constant): offsets w with
+// lo <= w <= hi (lo = -(size / 2), hi = size - 1 - size / 2, both within [-4, 4]).
+template <int P, int L>
+__device__ __forceinline__ float window_sum(const float (&v)[L], int lo, int hi) {
+  static_assert(P - kReach >= 0 && P + kReach < L, "the window stays inside the loaded registers");
+  float acc = 0.f;
+#pragma unroll
+  for (int w = -kReach; w <= kReach; ++w) {
+    if (w >= lo && w <= hi) acc += v[P + w] * v[P + w];
+  }
+  return acc;
+}
+
+template <int V, int P, int L>
+__device__ __forceinline__ void window_sums(const float (&v)[L], int lo, int hi, float (&out)[V]) {
+  if constexpr (P < V) {
+    out[P] = window_sum<P + (L - V) / 2, L>(v, lo, hi);
+    window_sums<V, P + 1, L>(v, lo, hi, out);
+  }
+}
+
+template <int V, class I>
+__device__ __forceinline__ void split_vec(I q, const Geometry<I>& g, I* n, I* c0, I* s) {
+  const I e = q * V;
+  *c0 = e % g.C;
+  const I t = e / g.C;
+  *s = t % g.S;
+  *n = t / g.S;
+}
+
+template <class T, class I>
+__global__ void lrn_fwd_vec_kernel(const T* __restrict__ x, T* __restrict__ y, Geometry<I> g, Strides<I> sx,
+                                   Strides<I> sy, int size, float alpha_over_size, float beta, float k) {
+  constexpr int V = vec_width<T>();
+  constexpr int H = (kReach + V - 1) / V;
+  constexpr int L = (2 * H + 1) * V;
+  const int lo = -(size / 2), hi = size - 1 - size / 2;
+  const I step = static_cast<I>(gridDim.x) * blockDim.x;
+  for (I q = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; q < g.total / V; q += step) {
+    I n, c0, s;
+    split_vec<V>(q, g, &n, &c0, &s);
+    float v[L];
+    load_neighbourhood<V, H>(x + n * sx.n + spatial_offset(s, g, sx), c0, g.C, v);
+    float d[V];
+    window_sums<V, 0, L>(v, lo, hi, d);
+    float out[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = v[H * V + j] / powf(k + alpha_over_size * d[j], beta);
+    store_vec<V>(y + n * sy.n + spatial_offset(s, g, sy) + c0, out);
+  }
+}
+
+// The backward over channels i = c + u, ulo <= u <= uhi (ulo = -((size - 1) / 2)): the terms
+// g_i x_i / (p_i d_i) for the V + 8 channels [c0 - 4, c0 + V + 4), then their window sums.
+template <int V, int P, int L, int M, class I>
+__device__ __forceinline__ void backward_terms(const float (&xv)[L], const float (&gv)[L], int lo, int hi,
+                                               float alpha_over_size, float beta, float k, I ch0, I C,
+                                               float (&term)[M], float (&pw)[M]) {
+  if constexpr (P < M) {
+    constexpr int R = (L - M) / 2 + P;  // register index of channel c0 - 4 + P
+    const float d = k + alpha_over_size * window_sum<R, L>(xv, lo, hi);
+    const float p = powf(d, beta);
+    const I ch = ch0 + P;
+    term[P] = (ch >= 0 && ch < C) ? gv[R] * xv[R] / (p * d) : 0.f;
+    pw[P] = p;
+    backward_terms<V, P + 1, L, M, I>(xv, gv, lo, hi, alpha_over_size, beta, k, ch0, C, term, pw);
+  }
+}
+
+template <class T, class I>
+__global__ void lrn_bwd_vec_kernel(const T* __restrict__ gy, const T* __restrict__ x, T* __restrict__ dx,
+                                   Geometry<I> g, Strides<I> sg, Strides<I> sx, Strides<I> sdx, int size,
+                                   float alpha_over_size, float beta, float k, float coef) {
+  constexpr int V = vec_width<T>();
+  constexpr int H = (2 * kReach + V - 1) / V;
+  constexpr int L = (2 * H + 1) * V;
+  constexpr int M = V + 2 * kReach;  // channels c0 - 4 .. c0 + V + 3
+  const int lo = -(size / 2), hi = size - 1 - size / 2;        // window of d
+  const int ulo = -((size - 1) / 2), uhi = size - 1 - (size - 1) / 2;  // channels whose window holds c
+  const I step = static_cast<I>(gridDim.x) * blockDim.x;
+  for (I q = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; q < g.total / V; q += step) {
+    I n, c0, s;
+    split_vec<V>(q, g, &n, &c0, &s);
+    float xv[L], gv[L];
+    load_neighbourhood<V, H>(x + n * sx.n + spatial_offset(s, g, sx), c0, g.C, xv);
+    load_neighbourhood<V, H>(gy + n * sg.n + spatial_offset(s, g, sg), c0, g.C, gv);
+    float term[M], pw[M];
+    backward_terms<V, 0, L, M, I>(xv, gv, lo, hi, alpha_over_size, beta, k, c0 - kReach, g.C, term, pw);
+    float out[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      float acc = 0.f;
+#pragma unroll
+      for (int u = -kReach; u <= kReach; ++u) {
+        if (u >= ulo && u <= uhi) acc += term[kReach + j + u];
+      }
+      const float g_c = gv[H * V + j], x_c = xv[H * V + j];
+      const float second = beta == 0.f ? x_c * 0.f : coef * x_c * acc;
+      out[j] = g_c / pw[kReach + j] - second;
+    }
+    store_vec<V>(dx + n * sdx.n + spatial_offset(s, g, sdx) + c0, out);
+  }
+}
+
+// Whether the 128-bit path applies: channels_last (channel stride 1) in every tensor, C and every
+// other stride multiples of V, aligned pointers, size <= kMaxVecSize.
+bool vector_path(const Shape& dims, std::initializer_list<std::pair<std::uintptr_t, const Shape*>> ts, int64_t size,
+                 int dtype) {
+  const int64_t V = dtype == kFloat32 ? 4 : 8;
+  if (size > kMaxVecSize || dims[1] % V != 0 || dims[2] * dims[3] * dims[4] < 2) return false;
+  for (const auto& [p, st] : ts) {
+    const Shape& v = *st;
+    if (!aligned({p}) || v[1] != 1 || !multiple({v[0], v[2], v[3], v[4]}, V)) return false;
+  }
+  return true;
+}
+
 void check_shape(const Shape& dims, std::initializer_list<const Shape*> strides, int64_t size) {
   require(dims.size() == 5, "LRN: dims must be [N, C, S0, S1, S2]");
   for (const Shape* st : strides) require(st->size() == 5, "LRN: every tensor needs 5 strides");
@@ -165,8 +315,15 @@ template <class I>
 void launch_forward(std::uintptr_t x, std::uintptr_t y, const Shape& dims, const Shape& sx, const Shape& sy,
                     int size, float alpha_over_size, float beta, float k, int dtype, cudaStream_t stream) {
   const Geometry<I> g = geometry<I>(dims, sx);
+  const bool vec = vector_path(dims, {{x, &sx}, {y, &sy}}, size, dtype);
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
+    if (vec) {
+      lrn_fwd_vec_kernel<T, I><<<blocks_for(g.total / vec_width<T>()), kThreads, 0, stream>>>(
+          as_ptr<const T>(x), as_ptr<T>(y), g, strides<I>(sx), strides<I>(sy), size, alpha_over_size, beta, k);
+      FN_LAUNCH_CHECK("lrn_fwd_vec_kernel");
+      return;
+    }
     lrn_fwd_kernel<T, I><<<blocks_for(g.total), kThreads, 0, stream>>>(
         as_ptr<const T>(x), as_ptr<T>(y), g, strides<I>(sx), strides<I>(sy), size, alpha_over_size, beta, k);
     FN_LAUNCH_CHECK("lrn_fwd_kernel");
@@ -178,8 +335,16 @@ void launch_backward(std::uintptr_t gy, std::uintptr_t x, std::uintptr_t dx, con
                      const Shape& sx, const Shape& sdx, int size, float alpha_over_size, float beta, float k,
                      float coef, int dtype, cudaStream_t stream) {
   const Geometry<I> g = geometry<I>(dims, sx);
+  const bool vec = vector_path(dims, {{gy, &sg}, {x, &sx}, {dx, &sdx}}, size, dtype);
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
+    if (vec) {
+      lrn_bwd_vec_kernel<T, I><<<blocks_for(g.total / vec_width<T>()), kThreads, 0, stream>>>(
+          as_ptr<const T>(gy), as_ptr<const T>(x), as_ptr<T>(dx), g, strides<I>(sg), strides<I>(sx),
+          strides<I>(sdx), size, alpha_over_size, beta, k, coef);
+      FN_LAUNCH_CHECK("lrn_bwd_vec_kernel");
+      return;
+    }
     lrn_bwd_kernel<T, I><<<blocks_for(g.total), kThreads, 0, stream>>>(
         as_ptr<const T>(gy), as_ptr<const T>(x), as_ptr<T>(dx), g, strides<I>(sg), strides<I>(sx),
         strides<I>(sdx), size, alpha_over_size, beta, k, coef);
