@@ -50,12 +50,86 @@ SMS = {80: 108, 90: 132}
 # ----------------------------------------------------------------------------------------------
 # Worker: capture the launches, then compile them.
 
-def _patch_environment(arch: int):
-    """Interpreter off, the Triton backend selectable for CPU tensors, launches recorded."""
+class _FakeDriver:
+    """Stands in for Triton's CUDA driver in a process without a GPU: the JIT asks it for the
+    current device, stream and target, and nothing else before it compiles (a warmup call)."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_benchmarker(self):
+        """The autotuner's timer, for the real launch path: calls the candidate once (so the JIT
+        specializes and "compiles" it, as on a GPU) and reports the same time for every one."""
+        def bench(fn, quantiles=None, **kw):
+            fn()
+            return [1.0, 1.0, 1.0] if quantiles else 1.0
+        return bench
+
+    def set_current_device(self, device):
+        pass
+
+
+class _FakeKernel:
+    """What the intercepted compile returns to the JIT: launching it does nothing."""
+
+    def __init__(self, record):
+        self.record = record
+        self.function = self.packed_metadata = None
+
+    def launch_metadata(self, *args):
+        return None
+
+    def run(self, *args):
+        pass
+
+    def __getitem__(self, grid):
+        return lambda *a, **k: None
+
+
+COMPILED = []  # (ASTSource, target, options dict) as the JIT handed them to triton.compile
+_REAL_COMPILE = []
+
+
+def intercept_jit(arch: int):
+    """Makes Triton's JIT specialize and "compile" without a GPU: a fake driver answers for the
+    target, and triton.compile is replaced by a recorder of exactly what the JIT passes to it (its
+    ASTSource with signature, constexprs and attributes such as tt.divisibility, and its parsed
+    options). JITFunction.run's own specialization code runs unchanged on the real launch values."""
+    import triton.compiler
+    from triton.runtime import driver
+
+    driver.set_active(_FakeDriver(arch))
+    if not _REAL_COMPILE:
+        _REAL_COMPILE.append(triton.compiler.compile)
+
+    def recording_compile(src, target=None, options=None, _env_vars=None):
+        COMPILED.append((src, target, dict(options or {})))
+        return _FakeKernel(COMPILED[-1])
+
+    triton.compiler.compile = recording_compile
+    return COMPILED
+
+
+def _patch_environment(arch: int, root: str = ROOT, record: bool = True):
+    """Interpreter off, the Triton backend selectable for CPU tensors, launches recorded (with
+    record=False they go through Triton's real launch path, JIT and Autotuner, whose compiles are
+    intercepted: see runtime_specializations)."""
     os.environ["TRITON_INTERPRET"] = "0"
     os.environ["FASTNETS_POISON"] = "0"
+    os.environ["FASTNETS_AUTOTUNE_CACHE"] = "0"  # no timings of the fake benchmarker on disk
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    sys.path.insert(0, ROOT)
+    sys.path.insert(0, root)
     import types
 
     import torch
@@ -71,7 +145,8 @@ def _patch_environment(arch: int):
                 launches.append((self.kernel, grid, args, kwargs, _CASE[0]))
             return launch
 
-    torch.library.wrap_triton = Recorder
+    if record:
+        torch.library.wrap_triton = Recorder
     props = types.SimpleNamespace(multi_processor_count=SMS.get(arch, 108), name=f"sm_{arch} (compile only)",
                                   major=arch // 10, minor=arch % 10)
     torch.cuda.get_device_properties = lambda *a, **k: props
@@ -81,18 +156,20 @@ def _patch_environment(arch: int):
     torch.cuda.get_device_capability = lambda *a, **k: (arch // 10, arch % 10)
     try:
         import fastnets  # noqa: F401
-        from fastnets.kernels import (attention, attention_bwd, bias_act, conv, conv_depthwise,  # noqa: F401
-                                      layer_norm, lrn, norm_act, pool)
+        import fastnets.kernels as K
+        for info in __import__("pkgutil").iter_modules(K.__path__):
+            if not info.name.startswith("_"):
+                __import__(f"fastnets.kernels.{info.name}")
     finally:
         torch.cuda.is_available, torch.cuda.get_device_capability = real_avail, real_cap
     from fastnets import _dispatch
 
     _dispatch._triton_status = lambda device: (True, None)
+    intercept_jit(arch)
     return launches
 
 
 _CASE = ["?"]  # the case being captured, for the report
-_JITS = []  # the JITFunctions of the jobs (a job names its function by index: forked workers share this)
 
 
 def _cases(quick: bool):
@@ -288,32 +365,14 @@ def _cases(quick: bool):
     return cases
 
 
-def _signature(kernel, args, kwargs):
-    """(jit function, {arg: type} with "constexpr" entries, {name: constexpr value}, options)."""
-    from triton.runtime.jit import JITFunction, mangle_type
+def _unwrap(kernel):
+    """The JITFunction under an Autotuner (or Heuristics) wrapper."""
+    from triton.runtime.jit import JITFunction
 
     jit = kernel
-    while not isinstance(jit, JITFunction):  # an Autotuner (or a Heuristics) wraps the JITFunction
+    while not isinstance(jit, JITFunction):
         jit = jit.fn
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "num_ctas") if k in kwargs}
-    names = jit.arg_names
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
-    sig, constexprs = {}, {}
-    for p in jit.params:
-        name = p.name
-        if p.is_constexpr:
-            if name in bound:
-                constexprs[name] = bound[name]
-            continue
-        if name not in bound:
-            raise TypeError(f"{jit.__name__}: argument {name} was not given")
-        value = bound[name]
-        kind = mangle_type(value, not getattr(p, "do_not_specialize", False))
-        if kind == "constexpr":  # Triton's JIT makes an integer 1 (and None) a constant
-            constexprs[name] = value
-        sig[name] = kind
-    return jit, sig, constexprs, options, bound
+    return jit
 
 
 def _grid_ok(grid, meta) -> str | None:
@@ -324,36 +383,124 @@ def _grid_ok(grid, meta) -> str | None:
     return None
 
 
-def _jobs(launches, full: bool):
-    """Deduplicated compile jobs from the recorded launches."""
-    jobs, seen, primary = [], set(), set()
+def autotune_configs(kernel, args, kwargs):
+    """The configs Triton's Autotuner would time for this launch (its own prune_configs: the
+    kernel's early_config_prune and perf model), or [None] for a kernel that is not autotuned."""
+    configs = getattr(kernel, "configs", None)
+    if not configs:
+        return [None]
+    if len(configs) == 1:
+        return list(configs)
+    kernel.nargs = dict(zip(kernel.arg_names, args))
+    try:
+        return list(kernel.prune_configs(dict(kwargs)))
+    finally:
+        kernel.nargs = None
+
+
+def jit_specialize(kernel, grid, args, kwargs, config=None):
+    """Runs Triton's own JITFunction.run (warmup: compile, no launch) on the real launch values,
+    with the config's meta-parameters and options merged as the Autotuner merges them. Returns
+    the (ASTSource, target, options) the JIT passed to triton.compile, or None when the JIT's
+    kernel cache already held this specialization (the same compile as an earlier job)."""
+    jit = _unwrap(kernel)
+    kw = dict(kwargs)
+    if config is not None:
+        kw.update(config.all_kwargs())
+    n = len(COMPILED)
+    jit.run(*args, grid=grid, warmup=True, **kw)
+    return COMPILED[n] if len(COMPILED) > n else None
+
+
+def describe_src(src) -> dict:
+    """Names for a JIT-made ASTSource: {arg: type} (constexpr for constants), constants by name,
+    and the arguments with tt.divisibility=16."""
+    names = src.fn.arg_names
+    const = {}
+    for path, v in src.constants.items():
+        name = names[path[0]] + "".join(f"[{i}]" for i in path[1:])
+        const[name] = v
+    attrs = {}
+    for path, items in src.attrs.items():
+        name = names[path[0]] + "".join(f"[{i}]" for i in path[1:])
+        for k, v in items:
+            attrs.setdefault(name, {})[k] = v
+    div16 = sorted(n for n, a in attrs.items() if a.get("tt.divisibility") == 16)
+    return dict(signature=dict(src.signature), constants=const, attrs=attrs, div16=div16)
+
+
+def _dtype_of(args) -> str:
+    """The dtype of the first tensor argument (the kernel's input), e.g. 'float16'."""
+    return next((str(a.dtype).replace("torch.", "") for a in args if hasattr(a, "data_ptr")), "?")
+
+
+def spec_of(rec) -> dict:
+    """What decides the machine code of one compile: the kernel, the JIT's signature, constants and
+    attributes (by argument name) and every compile option (JSON-able, for comparisons)."""
+    src, target, options = rec
+    d = describe_src(src)
+    return dict(kernel=src.fn.__name__, target=f"{target.backend}:{target.arch}", signature=d["signature"],
+                constants={k: str(v) for k, v in d["constants"].items()}, attrs=d["attrs"],
+                options={k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v))
+                         for k, v in sorted(options.items())})
+
+
+def specializations(arch: int, mode: str, only: str, root: str = ROOT) -> list[dict]:
+    """The compiles of the cases matching `only` (and the anchors with their mutants) for arch:
+    mode "aot": as this tool makes them (recorded launches -> autotune configs -> JIT warmup);
+    mode "runtime": as Triton's real launch path makes them at run time (kernel[grid](...) through
+    torch.library.wrap_triton, the Autotuner timing every pruned candidate, JITFunction.run), with
+    only the device faked and triton.compile intercepted. The two must agree (tests/test_sass_audit.py)."""
+    if mode == "aot":
+        os.environ["AUDIT_MUTANTS"] = "1"
+        launches, errors = capture(arch, True, only, root, anchors=True)
+        if errors:
+            raise RuntimeError("; ".join(errors))
+        return [spec_of(COMPILED[j["src"]]) for j in _jobs(launches, True)]
+    _patch_environment(arch, root, record=False)
+    import torch
+
+    import audit_anchors
+    import fastnets
+
+    for name, kernel, grid, args, kwargs in audit_anchors.launches() + audit_anchors.mutants():
+        kernel[grid](*args, **kwargs)
+    with fastnets.use_backend("triton"):
+        for name, fn in _cases(True):
+            if any(o in name for o in only.split(",")):
+                fn()
+                torch.backends.cudnn.allow_tf32 = True
+                torch.backends.cuda.matmul.allow_tf32 = False
+    return [spec_of(rec) for rec in COMPILED]
+
+
+def _jobs(launches, full: bool, all_config_dtypes=None):
+    """Deduplicated compile jobs from the recorded launches, each specialized by the JIT itself.
+    The first launch of each (kernel, input dtype) gets every autotune config (all launches with
+    `full`; with all_config_dtypes, only the input dtypes named), the others the first config."""
+    jobs, primary = [], set()
     for kernel, grid, args, kwargs, case in launches:
-        jit, sig, constexprs, options, bound = _signature(kernel, args, dict(kwargs))
-        configs = list(getattr(kernel, "configs", None) or [None])
-        prune = getattr(kernel, "early_config_prune", None)
-        if prune is not None and configs[0] is not None:
-            configs = prune(configs, bound)
-        autotuned = configs[0] is not None
-        first_ptr = next((s for s in sig.values() if s.startswith("*")), None)  # the input's dtype
-        family = (jit.__module__, jit.__name__, first_ptr)
-        all_configs = full or family not in primary
+        jit = _unwrap(kernel)
+        kwargs = dict(kwargs)
+        configs = autotune_configs(kernel, args, kwargs)
+        autotuned = configs[0] is not None and len(getattr(kernel, "configs", [])) > 1
+        family = (jit.__module__, jit.__name__, _dtype_of(args))
+        all_configs = full or (family not in primary and (all_config_dtypes is None or family[2] in all_config_dtypes))
         primary.add(family)
-        for cfg in (configs if all_configs else configs[:1]):
-            cx = dict(constexprs)
-            opts = {"num_warps": 4, "num_stages": 3, **options}
-            if cfg is not None:
-                cx.update(cfg.kwargs)
-                opts.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            key = (jit.__module__, jit.__name__, tuple(sorted(sig.items())), tuple(sorted(cx.items(), key=str)),
-                   tuple(sorted(opts.items())))
-            if key in seen:
+        bound = dict(zip(jit.arg_names, args), **kwargs)
+        for i, cfg in enumerate(configs if all_configs else configs[:1]):
+            rec = jit_specialize(kernel, grid, args, kwargs, cfg)
+            if rec is None:
                 continue
-            seen.add(key)
-            grid_error = _grid_ok(grid, {**bound, **cx})
-            if jit not in _JITS:
-                _JITS.append(jit)
-            jobs.append(dict(jit=_JITS.index(jit), module=jit.__module__, kernel=jit.__name__, sig=sig, constexprs=cx, options=opts,
-                             autotuned=autotuned, case=case, grid_error=grid_error))
+            src, target, options = rec
+            cx = dict(cfg.kwargs) if cfg is not None else {}
+            d = describe_src(src)
+            opts = {k: options.get(k) for k in ("num_warps", "num_stages", "num_ctas", "maxnreg") if k in options}
+            jobs.append(dict(src=COMPILED.index(rec), module=jit.__module__, kernel=jit.__name__, dtype=family[2],
+                             sig=d["signature"],
+                             constexprs=d["constants"], div16=d["div16"], options=opts, autotuned=autotuned,
+                             config_index=i, n_configs=len(configs), case=case,
+                             grid_error=_grid_ok(grid, {**bound, **cx})))
     return jobs
 
 
@@ -377,24 +524,24 @@ def _resources(cubin: bytes) -> dict:
     return res
 
 
-def _compile(job, arch):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = _JITS[job["jit"]]
-    sig = {n: ("constexpr" if n in job["constexprs"] else s) for n, s in job["sig"].items()}
-    for n in job["constexprs"]:
-        sig[n] = "constexpr"
+def _compile(job, arch, cubin_dir=None):
+    """triton.compile on exactly what the JIT handed over (the same call JITFunction._do_compile
+    makes); the cubin is kept in cubin_dir when given."""
+    src, target, options = COMPILED[job["src"]]
     t0 = time.time()
     try:
-        ck = triton.compile(ASTSource(fn, signature=sig, constexprs=job["constexprs"]),
-                            target=GPUTarget("cuda", arch, 32), options=dict(job["options"]))
+        ck = _REAL_COMPILE[0](src, target=target, options=dict(options))
     except Exception as exc:  # noqa: BLE001 - the compiler's message is the result
         msg = f"{type(exc).__name__}: {exc}"
         return dict(ok=False, error=msg[-3000:], seconds=time.time() - t0)
     res = _resources(ck.asm["cubin"])
     res["dyn_shared"] = int(getattr(ck.metadata, "shared", 0))
+    if cubin_dir:
+        name = f"{job['id']}.cubin"
+        with open(os.path.join(cubin_dir, name), "wb") as f:
+            f.write(ck.asm["cubin"])
+        res["cubin"] = name
+        res["function"] = ck.metadata.name
     return dict(ok=True, seconds=time.time() - t0, **res)
 
 
@@ -407,21 +554,34 @@ def _describe(job) -> str:
 
 
 def _compile_one(args):
-    job, arch = args
-    return job, _compile(job, arch)
+    job, arch, cubin_dir = args
+    return job, _compile(job, arch, cubin_dir)
 
 
-def worker(arch: int, quick: bool, full: bool, jobs_n: int, json_path: str | None, only: str | None = None) -> int:
-    launches = _patch_environment(arch)
+def capture(arch: int, quick: bool, only: str | None = None, root: str = ROOT, models: str | None = None,
+            batches=(32, 256), anchors: bool = False):
+    """Records the launches of the cases (and of the model family's layers when `models` names
+    some), in this process. Returns (launches, capture errors)."""
+    launches = _patch_environment(arch, root)
     import torch
 
     import fastnets
 
     capture_errors = []
-    t0 = time.time()
+    cases = [] if only == "none" else _cases(quick)
+    if models:
+        import model_shapes  # scripts/model_shapes.py: the model family's layers at real batch sizes
+
+        cases += model_shapes.cases(models.split(","), batches, quick)
+    if anchors:  # scripts/audit_anchors.py: reference GEMM and attention kernels, through the same path
+        import audit_anchors
+
+        extra = audit_anchors.mutants() if os.environ.get("AUDIT_MUTANTS") == "1" else []
+        for name, kernel, grid, args, kwargs in audit_anchors.launches() + extra:
+            launches.append((kernel, grid, args, kwargs, name))
     with fastnets.use_backend("triton"):
-        for name, fn in _cases(quick):
-            if only and only not in name:
+        for name, fn in cases:
+            if only and only != "none" and not any(o in name for o in only.split(",")):
                 continue
             _CASE[0] = name
             try:
@@ -431,12 +591,32 @@ def worker(arch: int, quick: bool, full: bool, jobs_n: int, json_path: str | Non
             finally:
                 torch.backends.cudnn.allow_tf32 = True
                 torch.backends.cuda.matmul.allow_tf32 = False
-    jobs = _jobs(launches, full)
-    if quick:  # one job per kernel
+    return launches, capture_errors
+
+
+def worker(arch: int, quick: bool, full: bool, jobs_n: int, json_path: str | None, only: str | None = None,
+           root: str = ROOT, cubin_dir: str | None = None, models: str | None = None, batches=(32, 256),
+           audit: bool = False, kernels: str | None = None, quick_audit: bool = False) -> int:
+    t0 = time.time()
+    audit = audit or quick_audit
+    launches, capture_errors = capture(arch, quick or audit, only, root, models, batches, anchors=audit)
+    if kernels:  # only these kernels (function names)
+        launches = [l for l in launches if _unwrap(l[0]).__name__ in kernels.split(",")]
+    jobs = _jobs(launches, full, () if quick_audit else ("float16", "float32") if audit else None)
+    if quick_audit:  # the first job of each (kernel, case)
+        by_case = {}
+        for j in jobs:
+            by_case.setdefault((j["module"], j["kernel"], j["case"]), j)
+        jobs = list(by_case.values())
+    if quick and not audit:  # one job per kernel
         by_kernel = {}
         for j in jobs:
             by_kernel.setdefault((j["module"], j["kernel"]), j)
         jobs = list(by_kernel.values())
+    for i, j in enumerate(jobs):
+        j["id"] = f"sm{arch}-{i:04d}-{j['kernel']}"
+    if cubin_dir:
+        os.makedirs(cubin_dir, exist_ok=True)
     print(f"sm_{arch}: {len(launches)} launches recorded in {time.time() - t0:.1f}s -> {len(jobs)} compile jobs "
           f"({len({(j['module'], j['kernel']) for j in jobs})} kernels)", flush=True)
     for e in capture_errors:
@@ -453,12 +633,12 @@ def worker(arch: int, quick: bool, full: bool, jobs_n: int, json_path: str | Non
         import multiprocessing as mp
 
         with mp.get_context("fork").Pool(jobs_n) as pool:
-            it = pool.imap(_compile_one, [(j, arch) for j in jobs])
+            it = pool.imap(_compile_one, [(j, arch, cubin_dir) for j in jobs])
             for job, res in it:
                 results.append(_report(job, res, arch))
     else:
         for job in jobs:
-            results.append(_report(job, _compile(job, arch), arch))
+            results.append(_report(job, _compile(job, arch, cubin_dir), arch))
     failed = [r for r in results if r["status"] == "FAIL"]
     warned = [r for r in results if r["status"] == "WARN"]
     spills = [r for r in results if r.get("LOCAL", 0) > 0]
@@ -467,8 +647,11 @@ def worker(arch: int, quick: bool, full: bool, jobs_n: int, json_path: str | Non
           f"{len(capture_errors)} capture errors, {len(spills)} with local memory (spills), max {regs} registers, "
           f"{sum(r['seconds'] for r in results):.0f}s compiling", flush=True)
     if json_path:
+        import triton
+
         with open(json_path, "w") as f:
-            json.dump(dict(arch=arch, results=results, capture_errors=capture_errors), f, indent=1, default=str)
+            json.dump(dict(arch=arch, triton=triton.__version__, results=results, capture_errors=capture_errors),
+                      f, indent=1, default=str)
     return 1 if (failed or capture_errors) else 0
 
 
@@ -492,12 +675,15 @@ def _report(job, res, arch):
         notes.append(job["grid_error"])
     info = (f"REG={res.get('REG', '?')} LOCAL={res.get('LOCAL', '?')} SHARED={res.get('dyn_shared', '?')}"
             if res["ok"] else "")
-    print(f"{status:4} sm_{arch} {res['seconds']:5.1f}s {_describe(job)} {info} "
+    print(f"{status:4} sm_{arch} {res['seconds']:5.1f}s {_describe(job)} div16=[{','.join(job['div16'])}] {info} "
           f"({job['case']}){' -- ' + '; '.join(notes) if notes else ''}", flush=True)
-    return dict(status=status, kernel=f"{job['module']}.{job['kernel']}", sig=job["sig"],
-                constexprs={k: str(v) for k, v in job["constexprs"].items()}, options=job["options"],
-                case=job["case"], notes=notes, seconds=round(res["seconds"], 2),
-                **{k: v for k, v in res.items() if k in ("REG", "LOCAL", "STACK", "SHARED", "dyn_shared")})
+    return dict(status=status, id=job["id"], kernel=f"{job['module']}.{job['kernel']}", dtype=job["dtype"],
+                sig=job["sig"],
+                constexprs={k: str(v) for k, v in job["constexprs"].items()}, div16=job["div16"],
+                options=job["options"], autotuned=job["autotuned"], config_index=job["config_index"],
+                n_configs=job["n_configs"], case=job["case"], notes=notes, seconds=round(res["seconds"], 2),
+                **{k: v for k, v in res.items() if k in ("REG", "LOCAL", "STACK", "SHARED", "dyn_shared", "cubin",
+                                                         "function")})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,26 +695,55 @@ def main() -> int:
     parser.add_argument("--full", action="store_true", help="every config for every flag variant")
     parser.add_argument("--quick", action="store_true", help="one fp16 variant of each kernel (the CPU test)")
     parser.add_argument("--json", help="write the per-compile results here (one file per arch: .smXX.json)")
-    parser.add_argument("--only", help="only the cases whose name contains this (e.g. 'bias_act')")
+    parser.add_argument("--only", help="only the cases whose name contains this (e.g. 'bias_act'); 'none': "
+                                       "no synthetic case (with --models: the model layers alone)")
+    parser.add_argument("--models", help="also the layers of these models (resnet50,vgg16,efficientnet_b0,vit_b_16)")
+    parser.add_argument("--batches", default="32,256", help="batch sizes of the model layers (default 32,256)")
+    parser.add_argument("--root", default=ROOT, help="the fastnets tree to compile (default: this checkout)")
+    parser.add_argument("--cubins", help="keep each job's cubin in this folder (the SASS audit reads them)")
+    parser.add_argument("--audit", action="store_true",
+                        help="the SASS audit's set: the synthetic cases in fp16 (as --quick, every specialization "
+                             "kept) plus the model layers; every autotune config for the first fp16 and fp32 "
+                             "launch of each kernel, the first config elsewhere")
+    parser.add_argument("--quick-audit", action="store_true",
+                        help="as --audit, but the first config only and one job per (kernel, case)")
+    parser.add_argument("--kernels", help="only these kernels (comma-separated function names)")
+    parser.add_argument("--specializations", choices=("aot", "runtime"),
+                        help="print (JSON) the JIT specializations of the --only cases for the first arch, as this "
+                             "tool makes them or as Triton's run-time launch path makes them; no compiling")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     a = parser.parse_args()
+    batches = tuple(int(b) for b in a.batches.split(","))
+    if a.specializations:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        specs = specializations(int(a.archs.split(",")[0]), a.specializations, a.only or "none", os.path.abspath(a.root))
+        print(json.dumps(specs, sort_keys=True, default=str))
+        return 0
     if a.worker:
-        return worker(a.worker, a.quick, a.full, a.jobs, a.json, a.only)
+        return worker(a.worker, a.quick, a.full, a.jobs, a.json, a.only, os.path.abspath(a.root), a.cubins, a.models,
+                      batches, a.audit, a.kernels, a.quick_audit)
 
     import triton
 
     print(f"Triton {triton.__version__}, Python {sys.version.split()[0]}; compile-only targets: sm_{a.archs}; "
-          f"{'quick subset' if a.quick else 'full product' if a.full else 'all configs per dtype, one per flag'}",
-          flush=True)
+          f"{'quick subset' if a.quick else 'full product' if a.full else 'all configs per dtype, one per flag'}; "
+          f"tree {os.path.abspath(a.root)}", flush=True)
     status = 0
     for arch in (int(s) for s in a.archs.split(",")):
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(arch), "--jobs", str(a.jobs)]
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(arch), "--jobs", str(a.jobs),
+               "--root", os.path.abspath(a.root), "--batches", a.batches]
         cmd += ["--quick"] if a.quick else []
         cmd += ["--full"] if a.full else []
+        cmd += ["--audit"] if a.audit else []
+        cmd += ["--quick-audit"] if a.quick_audit else []
+        cmd += ["--kernels", a.kernels] if a.kernels else []
         cmd += ["--only", a.only] if a.only else []
+        cmd += ["--models", a.models] if a.models else []
+        cmd += ["--cubins", a.cubins] if a.cubins else []
         if a.json:
             cmd += ["--json", f"{os.path.splitext(a.json)[0]}.sm{arch}.json"]
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        path = [os.path.abspath(a.root), os.path.dirname(os.path.abspath(__file__)), os.environ.get("PYTHONPATH", "")]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
         rc = subprocess.call(cmd, env=env)
         status = status or rc
     print("RESULT:", "every kernel compiled" if status == 0 else "FAILURES (see FAIL / CAPTURE-ERROR lines)")
