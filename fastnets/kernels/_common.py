@@ -30,9 +30,27 @@ def configs(gpu: list[triton.Config], interpreter: triton.Config | None = None) 
 AUTOTUNE_CACHE = os.environ.get("FASTNETS_AUTOTUNE_CACHE", "1") != "0"
 
 
+# FASTNETS_AUTOTUNE=fixed: no search. Each launch takes the first candidate that the kernel's own
+# pruning keeps (the one a single-config interpreter run would mirror), and nothing is timed: the
+# GPU run's correctness stage (scripts/gpu_run.py) and a fixed-cost precompile use it.
+FIXED_CONFIG = os.environ.get("FASTNETS_AUTOTUNE", "search") == "fixed"
+
+
+def _first_kept(prune):
+    def first(configs, named_args, **kwargs):
+        kept = prune(configs, named_args, **kwargs) if prune else configs
+        return list(kept)[:1]
+    return first
+
+
 def autotune(configs: list[triton.Config], key: list[str], **kwargs):
     """triton.autotune with the on-disk cache of timings (AUTOTUNE_CACHE; the interpreter never
-    caches, Triton turns it off there)."""
+    caches, Triton turns it off there); under FIXED_CONFIG, one config per launch, never timed."""
+    if FIXED_CONFIG:
+        prune = dict(kwargs.pop("prune_configs_by", None) or {})
+        prune["early_config_prune"] = _first_kept(prune.get("early_config_prune"))
+        return triton.autotune(configs=configs, key=key, cache_results=False, prune_configs_by=prune,
+                               do_bench=lambda fn, quantiles=None, **kw: [0.0, 0.0, 0.0], **kwargs)
     return triton.autotune(configs=configs, key=key, cache_results=AUTOTUNE_CACHE, **kwargs)
 
 
@@ -48,6 +66,26 @@ def dot_precision(dtype: torch.dtype, conv: bool = False) -> str:
         return "ieee"
     allowed = torch.backends.cudnn.allow_tf32 if conv else torch.backends.cuda.matmul.allow_tf32
     return "tf32" if (allowed and not INTERPRET) else "ieee"
+
+
+def vec_elems(element_size: int, ints=(), tensors=()) -> int:
+    """Elements per 16-byte vector when every integer in `ints` is a multiple of it and every tensor's
+    data starts 16-byte aligned, else 1: the VEC constexpr of kernels that realign their strides
+    with `aligned` (below), for channel counts that are multiples of 8 but not of 16, which Triton's
+    JIT divisibility specialization (multiples of 16 only) leaves unproved."""
+    v = 16 // element_size
+    ok = all(int(i) % v == 0 for i in ints) and all(t.data_ptr() % 16 == 0 for t in tensors)
+    return v if ok else 1
+
+
+@triton.jit
+def aligned(v, VEC: tl.constexpr):
+    """v, known to the compiler as a multiple of VEC (the launcher guarantees v % VEC == 0, so the value
+    is unchanged). tl.multiple_of does not reach a kernel argument (no defining op to carry the hint);
+    a product by a constant does."""
+    if VEC > 1:
+        v = (v // VEC) * VEC
+    return v
 
 
 def next_pow2(n: int) -> int:
