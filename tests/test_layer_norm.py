@@ -405,3 +405,51 @@ def test_cuda_launcher_arguments_match_the_bindings(monkeypatch):
                  lambda: LN._cuda_bwd(x, None, x, x, None, None, mean, rstd, False, False)):
         with pytest.raises(RuntimeError, match="fastnets._C: .* failed"):
             call()
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the CUDA kernels' 128-bit path (csrc/layer_norm.cu: contiguous rows, N a multiple of 8 for
+# 16-bit dtypes or 4 for float32, aligned pointers; warp rows up to 1024, block rows above) and the
+# scalar path it falls back to (N = 260 for 16-bit dtypes, odd N, a misaligned input).
+
+def _misaligned(t):
+    """t's values, shape and strides in storage that starts one element past a 16-byte boundary."""
+    buf = torch.empty(t.untyped_storage().nbytes() // t.element_size() + 1, dtype=t.dtype, device=t.device)
+    out = buf.as_strided(t.shape, t.stride(), t.storage_offset() + 1)
+    out.copy_(t.detach())
+    assert out.data_ptr() % 16 != 0
+    return out.requires_grad_(t.requires_grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", parity.DTYPES)
+@pytest.mark.parametrize("N", [256, 260, 255, 1536, 1540])
+def test_cuda_vector_and_scalar_paths_gpu(dtype, N):
+    if "cuda" not in KERNEL_BACKENDS:
+        pytest.skip("fastnets._C sees no device")
+    check((37, N), (N,), dtype, "cuda")
+    check((37, N), (N,), dtype, "cuda", add=True)
+    check((37, N), (N,), dtype, "cuda", pdtype=torch.float32, residual=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", parity.DTYPES)
+@pytest.mark.parametrize("N", [256, 1536])
+def test_cuda_misaligned_input_gpu(dtype, N):
+    if "cuda" not in KERNEL_BACKENDS:
+        pytest.skip("fastnets._C sees no device")
+    x = _misaligned(parity.rand(37, N, dtype=dtype, requires_grad=True))
+    w = (1 + 0.5 * parity.rand(N, dtype=dtype)).requires_grad_()
+    b = parity.rand(N, dtype=dtype, requires_grad=True)
+    up = [parity.upcast(t) for t in (x, w, b)]
+    ref = F.layer_norm(up[0], (N,), up[1], up[2])
+    stock = F.layer_norm(x, (N,), w, b)
+    g = torch.randn_like(ref)
+    ref_g = torch.autograd.grad(ref, up, g)
+    stock_g = torch.autograd.grad(stock, (x, w, b), g.to(dtype))
+    with parity.ran_on("cuda", "layer_norm"):
+        out = FF.layer_norm(x, (N,), w, b)
+        out_g = torch.autograd.grad(out, (x, w, b), g.to(dtype))
+    parity.assert_parity(out, ref, stock)
+    for o, rf, st, name in zip(out_g, ref_g, stock_g, ("grad input", "grad weight", "grad bias")):
+        parity.assert_parity(o, rf, st, name)

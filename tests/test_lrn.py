@@ -328,3 +328,31 @@ def test_cuda_launcher_arguments_match_the_bindings(monkeypatch):
 def _patch_cuda_glue(monkeypatch):
     monkeypatch.setattr(fastnets._ext, "stream", lambda t: 0)
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the CUDA kernels' 128-bit path (csrc/lrn.cu: channels_last, C a multiple of 8 for 16-bit
+# dtypes or 4 for float32, aligned pointers, windows of at most 9 channels) and the scalar path it
+# falls back to (a misaligned input, C = 60 for 16-bit dtypes, odd C, size 11, NCHW).
+
+def _misaligned(t):
+    """t's values, shape and strides in storage that starts one element past a 16-byte boundary."""
+    buf = torch.empty(t.untyped_storage().nbytes() // t.element_size() + 1, dtype=t.dtype, device=t.device)
+    out = buf.as_strided(t.shape, t.stride(), t.storage_offset() + 1)
+    out.copy_(t.detach())
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", parity.DTYPES)
+@pytest.mark.parametrize("C,misaligned,layout", [(64, False, "channels_last"), (64, True, "channels_last"),
+                                                 (60, False, "channels_last"), (33, False, "channels_last"),
+                                                 (24, False, "channels_last"), (64, False, "contiguous")])
+@pytest.mark.parametrize("size", [1, 2, 5, 8, 9, 11])
+def test_cuda_vector_and_scalar_paths_gpu(dtype, C, misaligned, layout, size):
+    if "cuda" not in parity.KERNEL_BACKENDS:
+        pytest.skip("fastnets._C sees no device")
+    x = parity.rand(3, C, 5, 7, dtype=dtype, layout=layout)
+    check(_misaligned(x) if misaligned else x, size, "cuda")
+    check(_misaligned(x) if misaligned else x, size, "cuda", alpha=0.5, beta=0.0, k=2.0)
