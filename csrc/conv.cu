@@ -1,7 +1,9 @@
 // Fused convolution kernels (declared in conv.h): implicit GEMM with WMMA tensor cores for
 // fp16/bf16 (float32 accumulate) and an FMA-tiled path for fp32, a direct depthwise kernel, the
 // statistics finalize (Chan's merge) and the activation gradient. Simple on purpose: one tile
-// shape, operands staged through shared memory, every index that can pass 2^31 in int64.
+// shape, operands staged through shared memory, every index that can pass 2^31 in int64. The 16-bit
+// GEMM has an asynchronous-copy fast path (conv_gemm_async_kernel) for channels_last inputs and
+// OHWI weights with channel counts that are multiples of 8.
 #include <mma.h>
 
 #include <climits>
@@ -29,6 +31,86 @@ struct ConvParams {
 constexpr int BM = 64, BN = 64, BK = 32, kThreads = 128;
 constexpr int kFarAway = -(1 << 29);  // row_ih of rows past M: every tap falls outside the input
 
+// The rows' (output pixels') geometry, for the BM rows of a tile (threads 0..BM-1).
+__device__ __forceinline__ void setup_rows(const ConvParams& p, int64_t m0, int64_t g, int64_t* row_x, int* row_ih,
+                                           int* row_iw, int64_t* row_n, int* row_oh, int* row_ow) {
+  const int tid = threadIdx.x;
+  const int64_t ohw = p.OH * p.OW;
+  if (tid < BM) {
+    const int64_t m = m0 + tid;
+    if (m < p.M) {
+      const int64_t n = m / ohw, rem = m % ohw;
+      const int oh = static_cast<int>(rem / p.OW), ow = static_cast<int>(rem % p.OW);
+      row_x[tid] = n * p.sx[0] + g * p.Cg * p.sx[1];
+      row_ih[tid] = oh * p.stride_h - p.pad_h;
+      row_iw[tid] = ow * p.stride_w - p.pad_w;
+      row_n[tid] = n;
+      row_oh[tid] = oh;
+      row_ow[tid] = ow;
+    } else {
+      row_x[tid] = 0;
+      row_ih[tid] = kFarAway;
+      row_iw[tid] = kFarAway;
+      row_n[tid] = -1;
+      row_oh[tid] = 0;
+      row_ow[tid] = 0;
+    }
+  }
+}
+
+// The epilogue of a BM x BN tile of accumulators Cs: bias, statistics (training), residual,
+// pre-activation, activation, stores. Ends with no barrier pending; every thread calls it.
+template <class T>
+__device__ __forceinline__ void conv_epilogue(const ConvParams& p, float (*Cs)[BN + 4], const int64_t* row_n,
+                                              const int* row_oh, const int* row_ow, int64_t m0, int64_t n0,
+                                              int64_t g, const float* __restrict__ bias, const T* __restrict__ res,
+                                              T* __restrict__ y, T* __restrict__ z, float* __restrict__ pmean,
+                                              float* __restrict__ pm2) {
+  const int tid = threadIdx.x;
+  // Epilogue 1: bias; in training, the value rounded to the output dtype (the statistics are those
+  // of the stored conv output, which the batch-norm normalizes, as torch's batch-norm sees them).
+  if (bias != nullptr || pmean != nullptr) {
+    for (int idx = tid; idx < BM * BN; idx += kThreads) {
+      const int r = idx / BN, c = idx % BN;
+      float v = Cs[r][c];
+      if (bias != nullptr && n0 + c < p.Kg) v += bias[g * p.Kg + n0 + c];
+      if (pmean != nullptr) v = to_float(from_float<T>(v));
+      Cs[r][c] = v;
+    }
+    __syncthreads();
+  }
+  // Epilogue 2 (training): this tile's per-channel mean and M2 over its valid rows.
+  if (pmean != nullptr) {
+    const int rows = static_cast<int>(p.M - m0 < BM ? p.M - m0 : BM);
+    for (int c = tid; c < BN; c += kThreads) {
+      if (n0 + c >= p.Kg) continue;
+      float s = 0.f;
+      for (int r = 0; r < rows; ++r) s += Cs[r][c];
+      const float mean = s / rows;
+      float m2 = 0.f;
+      for (int r = 0; r < rows; ++r) {
+        const float d = Cs[r][c] - mean;
+        m2 += d * d;
+      }
+      const int64_t at = static_cast<int64_t>(blockIdx.x) * p.K + g * p.Kg + n0 + c;
+      pmean[at] = mean;
+      pm2[at] = m2;
+    }
+  }
+  // Epilogue 3: residual, pre-activation, activation, one store per output (channels fastest).
+  for (int idx = tid; idx < BM * BN; idx += kThreads) {
+    const int r = idx / BN, c = idx % BN;
+    if (row_n[r] < 0 || n0 + c >= p.Kg) continue;
+    const int64_t co = g * p.Kg + n0 + c;
+    float v = Cs[r][c];
+    if (res != nullptr)
+      v += to_float(res[row_n[r] * p.sr[0] + co * p.sr[1] + row_oh[r] * p.sr[2] + row_ow[r] * p.sr[3]]);
+    const int64_t off = row_n[r] * p.sy[0] + co * p.sy[1] + row_oh[r] * p.sy[2] + row_ow[r] * p.sy[3];
+    if (z != nullptr) z[off] = from_float<T>(v);
+    y[off] = from_float<T>(act_fwd(v, p.act));
+  }
+}
+
 // x [N, C, H, W] (strides p.sx), w [K, Cg, KH, KW] (p.sw), bias [K] float32 or null, res
 // [N, K, OH, OW] (p.sr) or null, y [N, K, OH, OW] (p.sy), z (y's strides) or null, pmean/pm2
 // [gridDim.x, K] float32 or null (training). Grid (ceil(M/BM), ceil(Kg/BN), groups), 128 threads.
@@ -51,28 +133,8 @@ conv_gemm_kernel(ConvParams p, const T* __restrict__ x, const T* __restrict__ w,
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
   const int64_t g = blockIdx.z;
-  const int64_t ohw = p.OH * p.OW;
 
-  if (tid < BM) {
-    const int64_t m = m0 + tid;
-    if (m < p.M) {
-      const int64_t n = m / ohw, rem = m % ohw;
-      const int oh = static_cast<int>(rem / p.OW), ow = static_cast<int>(rem % p.OW);
-      row_x[tid] = n * p.sx[0] + g * p.Cg * p.sx[1];
-      row_ih[tid] = oh * p.stride_h - p.pad_h;
-      row_iw[tid] = ow * p.stride_w - p.pad_w;
-      row_n[tid] = n;
-      row_oh[tid] = oh;
-      row_ow[tid] = ow;
-    } else {
-      row_x[tid] = 0;
-      row_ih[tid] = kFarAway;
-      row_iw[tid] = kFarAway;
-      row_n[tid] = -1;
-      row_oh[tid] = 0;
-      row_ow[tid] = 0;
-    }
-  }
+  setup_rows(p, m0, g, row_x, row_ih, row_iw, row_n, row_oh, row_ow);
 
   const int64_t Ktot = p.KH * p.KW * p.Cg;
   // WMMA: warp (wm, wn) owns rows wm*32..+32 and columns wn*32..+32 as 2x2 fragments of 16x16.
@@ -164,48 +226,118 @@ conv_gemm_kernel(ConvParams p, const T* __restrict__ x, const T* __restrict__ w,
   }
   __syncthreads();
 
-  // Epilogue 1: bias; in training, the value rounded to the output dtype (the statistics are those
-  // of the stored conv output, which the batch-norm normalizes, as torch's batch-norm sees them).
-  if (bias != nullptr || pmean != nullptr) {
-    for (int idx = tid; idx < BM * BN; idx += kThreads) {
-      const int r = idx / BN, c = idx % BN;
-      float v = Cs[r][c];
-      if (bias != nullptr && n0 + c < p.Kg) v += bias[g * p.Kg + n0 + c];
-      if (pmean != nullptr) v = to_float(from_float<T>(v));
-      Cs[r][c] = v;
+  conv_epilogue<T>(p, Cs, row_n, row_oh, row_ow, m0, n0, g, bias, res, y, z, pmean, pm2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fast path of the implicit GEMM for 16-bit types: both operands arrive in shared memory by
+// 16-byte asynchronous copies (cp.async.cg, LDGSTS.128), double-buffered so that tile t + 1 loads
+// while the tensor cores work on tile t; WMMA fragments are read from shared memory (LDSM) and
+// multiplied (HMMA). Taken when the input's channels are contiguous (channels_last) and the weights'
+// input channels too (OHWI), Cg and every other stride multiples of 8, and both pointers 16-byte
+// aligned: then 8 consecutive k = (kh, kw, ci..ci+7) of a tile are 16 contiguous bytes in both.
+// Out-of-range chunks (padding, rows past M, k past K, channels past Kg) are zero-filled by the
+// copy (source size 0). The B tile is kept [n][k] (WMMA col_major) so its chunks are contiguous.
+constexpr int kChunk = 8;                      // elements per 16-byte copy
+constexpr int kChunksPerRow = BK / kChunk;     // 4
+constexpr int kLd = BK + 8;                    // shared row length: 80 bytes, a multiple of 16
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool full) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_bytes = full ? 16 : 0;  // 0: no global read, 16 zero bytes written
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+conv_gemm_async_kernel(ConvParams p, const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ bias,
+                       const T* __restrict__ res, T* __restrict__ y, T* __restrict__ z, float* __restrict__ pmean,
+                       float* __restrict__ pm2) {
+  __shared__ __align__(128) T As[2][BM][kLd];  // A tiles [stage][m][k]
+  __shared__ __align__(128) T Bs[2][BN][kLd];  // B tiles [stage][n][k]
+  __shared__ __align__(32) float Cs[BM][BN + 4];
+  __shared__ int64_t row_x[BM];
+  __shared__ int row_ih[BM], row_iw[BM];
+  __shared__ int64_t row_n[BM];
+  __shared__ int row_oh[BM], row_ow[BM];
+
+  const int tid = threadIdx.x;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
+  const int64_t g = blockIdx.z;
+  setup_rows(p, m0, g, row_x, row_ih, row_iw, row_n, row_oh, row_ow);
+  __syncthreads();
+
+  const int64_t Ktot = p.KH * p.KW * p.Cg;
+  const int64_t tiles = (Ktot + BK - 1) / BK;
+  // This thread's chunks: rows (A) / output channels (B) tid / 4 and tid / 4 + 32, chunk tid % 4.
+  const int kc = tid % kChunksPerRow;
+  const int r0 = tid / kChunksPerRow;
+  constexpr int kRowStep = kThreads / kChunksPerRow;  // 32
+  const T* wg = w + g * p.Kg * p.sw[0];
+
+  const auto load_tile = [&](int stage, int64_t k0) {
+    const int64_t k = k0 + kc * kChunk;
+    const bool k_ok = k < Ktot;
+    const int64_t tap = k_ok ? k / p.Cg : 0;
+    const int ci = k_ok ? static_cast<int>(k - tap * p.Cg) : 0;
+    const int kh = static_cast<int>(tap / p.KW), kw = static_cast<int>(tap % p.KW);
+#pragma unroll
+    for (int i = 0; i < BM / kRowStep; ++i) {
+      const int r = r0 + i * kRowStep;
+      const int ih = row_ih[r] + kh * p.dil_h, iw = row_iw[r] + kw * p.dil_w;
+      const bool ok = k_ok && ih >= 0 && ih < p.H && iw >= 0 && iw < p.W;
+      const T* src = ok ? x + row_x[r] + ih * p.sx[2] + iw * p.sx[3] + ci : x;
+      cp_async16(&As[stage][r][kc * kChunk], src, ok);
+    }
+#pragma unroll
+    for (int i = 0; i < BN / kRowStep; ++i) {
+      const int nn = r0 + i * kRowStep;
+      const bool ok = k_ok && n0 + nn < p.Kg;
+      const T* src = ok ? wg + (n0 + nn) * p.sw[0] + ci + kh * p.sw[2] + kw * p.sw[3] : w;
+      cp_async16(&Bs[stage][nn][kc * kChunk], src, ok);
+    }
+  };
+
+  const int warp = tid / 32, wm = warp / 2, wn = warp % 2;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> cf[2][2];
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(cf[i][j], 0.f);
+
+  load_tile(0, 0);
+  cp_async_commit();
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int stage = static_cast<int>(t & 1);
+    // The next tile goes into the other stage, which every warp finished reading before the
+    // barrier that ended the previous iteration.
+    if (t + 1 < tiles) load_tile(stage ^ 1, (t + 1) * BK);
+    cp_async_commit();  // possibly empty: keeps the group count uniform
+    cp_async_wait<1>();  // this thread's copies of tile t have landed
+    __syncthreads();     // ... and every other thread's
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> af[2];
+      nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major> bf[2];
+      for (int i = 0; i < 2; ++i) nvcuda::wmma::load_matrix_sync(af[i], &As[stage][wm * 32 + i * 16][kk], kLd);
+      for (int j = 0; j < 2; ++j) nvcuda::wmma::load_matrix_sync(bf[j], &Bs[stage][wn * 32 + j * 16][kk], kLd);
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 2; ++j) nvcuda::wmma::mma_sync(cf[i][j], af[i], bf[j], cf[i][j]);
     }
     __syncthreads();
   }
-  // Epilogue 2 (training): this tile's per-channel mean and M2 over its valid rows.
-  if (pmean != nullptr) {
-    const int rows = static_cast<int>(p.M - m0 < BM ? p.M - m0 : BM);
-    for (int c = tid; c < BN; c += kThreads) {
-      if (n0 + c >= p.Kg) continue;
-      float s = 0.f;
-      for (int r = 0; r < rows; ++r) s += Cs[r][c];
-      const float mean = s / rows;
-      float m2 = 0.f;
-      for (int r = 0; r < rows; ++r) {
-        const float d = Cs[r][c] - mean;
-        m2 += d * d;
-      }
-      const int64_t at = static_cast<int64_t>(blockIdx.x) * p.K + g * p.Kg + n0 + c;
-      pmean[at] = mean;
-      pm2[at] = m2;
-    }
-  }
-  // Epilogue 3: residual, pre-activation, activation, one store per output (channels fastest).
-  for (int idx = tid; idx < BM * BN; idx += kThreads) {
-    const int r = idx / BN, c = idx % BN;
-    if (row_n[r] < 0 || n0 + c >= p.Kg) continue;
-    const int64_t co = g * p.Kg + n0 + c;
-    float v = Cs[r][c];
-    if (res != nullptr)
-      v += to_float(res[row_n[r] * p.sr[0] + co * p.sr[1] + row_oh[r] * p.sr[2] + row_ow[r] * p.sr[3]]);
-    const int64_t off = row_n[r] * p.sy[0] + co * p.sy[1] + row_oh[r] * p.sy[2] + row_ow[r] * p.sy[3];
-    if (z != nullptr) z[off] = from_float<T>(v);
-    y[off] = from_float<T>(act_fwd(v, p.act));
-  }
+  cp_async_wait<0>();
+
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j)
+      nvcuda::wmma::store_matrix_sync(&Cs[wm * 32 + i * 16][wn * 32 + j * 16], cf[i][j], BN + 4,
+                                      nvcuda::wmma::mem_row_major);
+  __syncthreads();
+  conv_epilogue<T>(p, Cs, row_n, row_oh, row_ow, m0, n0, g, bias, res, y, z, pmean, pm2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -362,6 +494,19 @@ void conv_fwd(std::uintptr_t x, const Shape& x_size, const Shape& x_stride, std:
       require(ceil_div(p.M, BM) <= 2147483647LL, "conv_fwd: too many output pixels");
       dim3 grid(grid_x(ceil_div(p.M, BM)), static_cast<unsigned>(gy), static_cast<unsigned>(groups));
       constexpr bool kMma = !std::is_same<T, float>::value;
+      // The asynchronous-copy path (16-bit types): channels contiguous in x and w, Cg and the other
+      // strides multiples of 8, both pointers 16-byte aligned.
+      const bool async = kMma && p.sx[1] == 1 && p.sw[1] == 1 && p.Cg % kChunk == 0 &&
+                         p.sx[0] % kChunk == 0 && p.sx[2] % kChunk == 0 && p.sx[3] % kChunk == 0 &&
+                         p.sw[0] % kChunk == 0 && p.sw[2] % kChunk == 0 && p.sw[3] % kChunk == 0 && x % 16 == 0 &&
+                         w % 16 == 0;
+      if constexpr (kMma) {
+        if (async) {
+          conv_gemm_async_kernel<T><<<grid, kThreads, 0, s>>>(p, xp, wp, b, rp, yp, zp, pmn, pm2p);
+          FN_LAUNCH_CHECK("conv_gemm_async_kernel");
+          return;
+        }
+      }
       conv_gemm_kernel<T, kMma><<<grid, kThreads, 0, s>>>(p, xp, wp, b, rp, yp, zp, pmn, pm2p);
       FN_LAUNCH_CHECK("conv_gemm_kernel");
     }
