@@ -31,8 +31,15 @@ The summary is `fused_model.fuse_summary` (a FuseSummary: per-pattern counts, wh
 what was left alone and why; print() shows a table).
 
 Limits: the rewritten forwards are generated code bound to the module instances: save a fused
-model through its state_dict (torch.save of the whole module object is not supported); fx
-specializes Python-level branches on non-tensor values at trace time, as it always does.
+model through its state_dict (torch.save of the whole module object is not supported).
+
+Guards. fx freezes the Python decisions a forward makes about its arguments (`if shortcut is None`,
+a flag's value, how many arguments came). Each rewritten forward is therefore traced for one call
+structure (which arguments are tensors, None or other constants, how many, under which names) and
+installed behind a guard that runs it only for calls of that structure; another structure is
+traced once for itself, or runs the original forward (fastnets/_fuse_guard.py). The summary lists
+the modules whose forward has optional arguments (`guarded`) and the structures traced later
+(`specializations`).
 """
 from __future__ import annotations
 
@@ -47,6 +54,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from fastnets import _fuse_guard as _guard
 from fastnets import functional as FF
 from fastnets import nn as fnn
 from fastnets.models._common import FusedSequential, activation_name
@@ -118,6 +126,11 @@ class FuseSummary:
 
     fused: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     left_alone: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    # (where, what the rewritten forward is specialized on beyond its tensors): modules whose forward
+    # has optional arguments, *args or **kwargs; calls of another structure do not run that forward.
+    guarded: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    # (where, call structure, patterns fused): forwards traced again at call time for a new structure.
+    specializations: list[tuple[str, str, tuple]] = dataclasses.field(default_factory=list)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -138,6 +151,15 @@ class FuseSummary:
             for why, places in by_reason.items():
                 shown = ", ".join(places[:3]) + (f", ... ({len(places) - 3} more)" if len(places) > 3 else "")
                 lines.append(f"  {why} [{len(places)}]: {shown}")
+        if self.guarded:
+            lines.append(f"guarded (the fused forward runs only for calls like the one traced) [{len(self.guarded)}]:")
+            lines += [f"  {where or '<model>'}: {what}" for where, what in self.guarded[:5]]
+            if len(self.guarded) > 5:
+                lines.append(f"  ... ({len(self.guarded) - 5} more)")
+        if self.specializations:
+            lines.append(f"specializations traced at call time [{len(self.specializations)}]:")
+            lines += [f"  {where or '<model>'} {call}: {', '.join(p) or 'nothing fused'}"
+                      for where, call, p in self.specializations]
         return "\n".join(lines)
 
     def _repr_pretty_(self, p, cycle):  # IPython
@@ -233,11 +255,26 @@ class _LeafTracer(fx.Tracer):
     """Traces one module's forward with every submodule as a leaf; fastnets' fused calls (in a
     forward fused before) stay calls."""
 
-    def __init__(self):
+    def __init__(self, key=None):
+        self.call_key = key  # the call structure traced for (fastnets._fuse_guard); None: fx's own
         super().__init__(autowrap_functions=_FUSED_CALLS)
 
     def is_leaf_module(self, m, qualname):
         return True
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        """Placeholders for the tensors of the call structure `call_key` only; every other argument
+        is the call's constant, and the parameters the call leaves out take their defaults."""
+        if self.call_key is None or not is_module:
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        key = self.call_key
+        proxies = [self.create_proxy("placeholder", name, (), {}) for name in _guard.leaf_names(root_fn, key)]
+        args, kwargs = _guard.rebuild(key, proxies)
+
+        def call(root):
+            return root_fn(root, *args, **kwargs)
+
+        return call, [self.root]
 
 
 class _Fuser:
@@ -295,35 +332,56 @@ class _Fuser:
         if not kinds & {nn.Conv2d, nn.BatchNorm2d, nn.Linear}:
             return
         report = bool(kinds & {nn.Conv2d, nn.BatchNorm2d})  # linear-act alone is not worth a report
-        graphs = []
-        modes = {m: m.training for m in module.modules()}
-        try:
-            for training in (True, False):
-                module.train(training)
-                graphs.append(_LeafTracer().trace(module))
-        except Exception as exc:  # noqa: BLE001 - any failure to trace means: leave this forward alone
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        forward = type(module).forward
+        key = _guard.default_key(forward)  # the call m(x): required positional arguments, tensors
+        fn = _rewrite_forward(module, key, path, self.summary) if key is not None else \
+            "its forward has required keyword-only arguments"
+        if isinstance(fn, str):
             if report:
-                self.summary.left_alone.append((path, f"torch.fx cannot trace its forward ({type(exc).__name__}: "
-                                                      f"{msg[:100]}); its children were fused module by module"))
+                self.summary.left_alone.append((path, f"{fn}; its children were fused module by module"))
             return
-        finally:
-            for m, training in modes.items():
-                m.training = training
-        if graphs[0].python_code("self").src != graphs[1].python_code("self").src:
-            if report:
-                self.summary.left_alone.append((path, "its forward differs between train and eval mode (fx would fix "
-                                                      "one branch); its children were fused module by module"))
+        if fn is None:
             return
-        graph = graphs[0]
-        fused = _GraphRewriter(module, graph, path, self.summary).run()
-        if not fused:
-            return
-        graph.lint()
-        # The generated forward reads the modules through `self`: bound to the module itself, it
-        # runs on the module's own children (GraphModule only serves to compile the code).
-        gm = fx.GraphModule(module, graph)
-        module.forward = types.MethodType(type(gm).forward, module)
+        frozen = _guard.specialized_parameters(forward)
+        if frozen:
+            self.summary.guarded.append((path, frozen))
+        module.__dict__["_fastnets_guard"] = _guard.Guard(forward, key, fn, _specialize_at_call, path, self.summary)
+        module.forward = types.MethodType(_guard.guarded_forward, module)
+
+
+def _rewrite_forward(module: nn.Module, key, path: str, summary: FuseSummary):
+    """module's forward traced for calls of structure `key` (fastnets._fuse_guard) and rewritten:
+    the new forward, a function of (module, *the call's tensors); None when nothing was fused; or
+    why it cannot be rewritten (a string)."""
+    graphs = []
+    modes = {m: m.training for m in module.modules()}
+    try:
+        for training in (True, False):
+            module.train(training)
+            graphs.append(_LeafTracer(key).trace(module))
+    except Exception as exc:  # noqa: BLE001 - any failure to trace means: leave this forward alone
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"torch.fx cannot trace its forward ({type(exc).__name__}: {msg[:100]})"
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if graphs[0].python_code("self").src != graphs[1].python_code("self").src:
+        return "its forward differs between train and eval mode (fx would fix one branch)"
+    graph = graphs[0]
+    if not _GraphRewriter(module, graph, path, summary).run():
+        return None
+    graph.lint()
+    # The generated forward reads the modules through `self`: called with the module itself, it
+    # runs on the module's own children (GraphModule only serves to compile the code).
+    return type(fx.GraphModule(module, graph)).forward
+
+
+def _specialize_at_call(module: nn.Module, key, path: str):
+    """A guard's new call structure, traced and rewritten at its first call: (the rewritten
+    forward or None, the patterns fused)."""
+    scratch = FuseSummary()
+    fn = _rewrite_forward(module, key, path, scratch)
+    return (fn if callable(fn) else None), [pattern for pattern, _ in scratch.fused]
 
 
 def _join(path: str, name: str) -> str:
