@@ -15,6 +15,9 @@
 // fp32 inputs take a simpler path: the same tiles multiplied with float32 FMAs on CUDA cores
 // (exact fp32 products, no TF32).
 // Head dims are padded to D in {32, 64, 128, 256} with zeros (loads past E or EV read 0).
+// Operand tiles arrive by 16-byte asynchronous copies (cp.async) when their rows are contiguous and
+// aligned (load_tile_async); the forward overlaps the next K tile and the current V tile with the
+// math. The WMMA fragments are read from shared memory (LDSM) and multiplied by HMMA.
 // Indices of global memory are int64; the grid is 1-D (x up to 2^31 - 1, no y/z limits).
 #include <mma.h>
 
@@ -24,6 +27,7 @@
 #include <type_traits>
 
 #include "attention.h"
+#include "vec.h"
 
 namespace fastnets {
 namespace {
@@ -123,15 +127,40 @@ __device__ __forceinline__ float score(const Params& p, float dot, int64_t b, in
 }
 
 // dst[r][c] (row stride ld) = src[(row0 + r) * s_row + c * s_col] for rows < rows_valid and
-// columns < cols_valid, else 0; `rows` x D elements.
+// columns < cols_valid, else 0; `rows` x D elements. Issues the copies and returns: 16-byte
+// asynchronous copies (cp.async, zero-filled past the valid rows and columns) when the columns are
+// contiguous, cols_valid and s_row are multiples of 16 bytes of T and src is 16-byte aligned (the
+// check is uniform across the block); plain loads and stores otherwise. The caller commits the
+// group (cp_async_commit) and waits for it (cp_async_wait) before the barrier that publishes dst.
+template <class T, int D>
+__device__ __forceinline__ void load_tile_async(T* dst, int ld, const T* src, int64_t s_row, int64_t s_col,
+                                                int64_t row0, int64_t rows_valid, int64_t cols_valid, int rows) {
+  constexpr int V = 16 / sizeof(T);
+  static_assert(D % V == 0, "whole 16-byte chunks per row");
+  const bool fast = s_col == 1 && cols_valid % V == 0 && s_row % V == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
+  if (fast) {
+    for (int idx = threadIdx.x; idx < rows * (D / V); idx += kThreads) {
+      const int r = idx / (D / V), c = (idx % (D / V)) * V;
+      const int64_t row = row0 + r;
+      const bool ok = row < rows_valid && c < cols_valid;
+      cp_async16(dst + r * ld + c, ok ? src + row * s_row + c : src, ok);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < rows * D; idx += kThreads) {
+      const int r = idx / D, c = idx % D;
+      const int64_t row = row0 + r;
+      dst[r * ld + c] = (row < rows_valid && c < cols_valid) ? src[row * s_row + c * s_col] : from_float<T>(0.f);
+    }
+  }
+}
+
+// load_tile_async, then this thread's copies completed (a barrier still publishes them).
 template <class T, int D>
 __device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, int64_t s_row, int64_t s_col, int64_t row0,
                                           int64_t rows_valid, int64_t cols_valid, int rows) {
-  for (int idx = threadIdx.x; idx < rows * D; idx += kThreads) {
-    const int r = idx / D, c = idx % D;
-    const int64_t row = row0 + r;
-    dst[r * ld + c] = (row < rows_valid && c < cols_valid) ? src[row * s_row + c * s_col] : from_float<T>(0.f);
-  }
+  load_tile_async<T, D>(dst, ld, src, s_row, s_col, row0, rows_valid, cols_valid, rows);
+  cp_async_commit();
+  cp_async_wait<0>();
 }
 
 // dst[(row0 + r) * s_row + c * s_col] = src[r][c] * mul for rows < rows_valid, cols < cols_valid.
@@ -235,18 +264,26 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
   const uint64_t seed = p.dropout ? static_cast<uint64_t>(*p.rng) : 0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  load_tile<T, D>(sQ, Lay::LDT, q, p.sq[2], p.sq[3], m0, p.L, p.E, BM);
+  // Copies in flight overlap the math: K of tile t + 1 loads during tile t's softmax and P V, and
+  // V of tile t during its Q K^T and softmax. Groups, in commit order: {Q, K(0)}, then per tile
+  // {V(t)}, {K(t + 1)} (possibly empty); wait_group 1 leaves only the most recent one pending.
+  const int64_t n_end = (p.causal && m0 + BM < p.S) ? m0 + BM : p.S;  // causal: columns j <= i only
+  load_tile_async<T, D>(sQ, Lay::LDT, q, p.sq[2], p.sq[3], m0, p.L, p.E, BM);
+  if (n_end > 0) load_tile_async<T, D>(sK, Lay::LDT, k, p.sk[2], p.sk[3], 0, p.S, p.E, BN);
+  cp_async_commit();
   fill(sO, BM * Lay::LDO, 0.f);
   fill(sM, BM, -INFINITY);
   fill(sL, BM, 0.f);
-  const int64_t n_end = (p.causal && m0 + BM < p.S) ? m0 + BM : p.S;  // causal: columns j <= i only
   for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
-    __syncthreads();  // the previous tile's K, V, P are consumed
-    load_tile<T, D>(sK, Lay::LDT, k, p.sk[2], p.sk[3], n0, p.S, p.E, BN);
-    load_tile<T, D>(sV, Lay::LDT, v, p.sv[2], p.sv[3], n0, p.S, p.EV, BN);
+    __syncthreads();  // the previous tile's V and P are consumed
+    load_tile_async<T, D>(sV, Lay::LDT, v, p.sv[2], p.sv[3], n0, p.S, p.EV, BN);
+    cp_async_commit();
+    cp_async_wait<1>();  // K(t) (and Q) landed; V(t) may be in flight
     __syncthreads();
     mma_smem<T, false, true>(sS, Lay::LDS, sQ, Lay::LDT, sK, Lay::LDT, BM, BN, D, false);  // S = Q K^T
-    __syncthreads();
+    __syncthreads();  // K(t) consumed
+    if (n0 + BN < n_end) load_tile_async<T, D>(sK, Lay::LDT, k, p.sk[2], p.sk[3], n0 + BN, p.S, p.E, BN);
+    cp_async_commit();
     // Online softmax, one warp per row. fmaxf ignores NaN in the max, but NaN scores still make
     // p, l and the row's output NaN, as in torch.
     for (int r = warp; r < BM; r += kWarps) {
@@ -280,9 +317,11 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
         sM[r] = m_new;
       }
     }
+    cp_async_wait<1>();  // V(t) landed; K(t + 1) may be in flight
     __syncthreads();
     mma_smem<T, false, false>(sO, Lay::LDO, sP, Lay::LDP, sV, Lay::LDT, BM, D, BN, true);  // O += P V
   }
+  cp_async_wait<0>();
   __syncthreads();
   for (int idx = threadIdx.x; idx < BM * D; idx += kThreads) {
     const int r = idx / D, d = idx % D;

@@ -11,6 +11,7 @@
 
 #include "activation.h"
 #include "conv.h"
+#include "vec.h"
 
 namespace fastnets {
 namespace {
@@ -241,17 +242,6 @@ conv_gemm_kernel(ConvParams p, const T* __restrict__ x, const T* __restrict__ w,
 constexpr int kChunk = 8;                      // elements per 16-byte copy
 constexpr int kChunksPerRow = BK / kChunk;     // 4
 constexpr int kLd = BK + 8;                    // shared row length: 80 bytes, a multiple of 16
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool full) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  const int src_bytes = full ? 16 : 0;  // 0: no global read, 16 zero bytes written
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
 
 template <class T>
 __global__ void __launch_bounds__(kThreads)

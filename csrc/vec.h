@@ -79,6 +79,22 @@ __device__ __forceinline__ void store_vec(T* __restrict__ p, const float (&in)[V
   }
 }
 
+// Asynchronous 16-byte copies global -> shared (cp.async.cg, sm_80+; LDGSTS.128 in SASS) for the
+// GEMM operands of conv and attention. full = false writes 16 zero bytes and reads nothing (gmem
+// must still be a valid address). A thread's copies become visible to itself after
+// cp_async_wait<n>() (at most n of its most recent groups still pending) and to the block after a
+// __syncthreads() that follows it.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool full) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_bytes = full ? 16 : 0;  // 0: no global read, 16 zero bytes written
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
 // Host side: every non-null pointer is 16-byte aligned.
 inline bool aligned(std::initializer_list<std::uintptr_t> ptrs) {
   for (std::uintptr_t p : ptrs) {
