@@ -743,3 +743,52 @@ def test_gpu_tf32_follows_torch(backend):
         _check(case, torch.float32, "channels_last", "eval", backend)
     finally:
         torch.backends.cudnn.allow_tf32 = previous
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the CUDA implicit GEMM's fast path (csrc/conv.cu conv_gemm_async_kernel: 16-bit types,
+# channels_last input and OHWI weight, Cg and strides multiples of 8, aligned pointers; both
+# operands by 16-byte cp.async copies, double-buffered) and the gather path it falls back to (Cg
+# not a multiple of 8, NCHW input, a misaligned input). Tiles: M and Kg not multiples of 64, K not
+# a multiple of 32, K below one tile, groups, dilation.
+ASYNC_CASES = [Case("async3x3s2_res", 3, 48, (13, 11), 72, 3, stride=2, padding=1, bias=True, residual=True),
+               Case("async_grouped_dil", 2, 32, (9, 7), 48, 3, padding=2, dilation=2, groups=2, act="silu"),
+               Case("async1x1_gelu", 2, 24, (5, 5), 40, 1, act="gelu"),
+               Case("gather_cg12", 2, 12, (7, 6), 16, 3, padding=1, residual=True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ASYNC_CASES, ids=str)
+def test_cuda_async_copy_and_gather_paths_gpu(case, dtype):
+    if "cuda" not in KERNEL_BACKENDS:
+        pytest.skip("fastnets._C sees no device")
+    for mode in ("eval", "train", "nobn"):
+        _check(case, dtype, "channels_last", mode, "cuda")
+    _check(case, dtype, "contiguous", "nobn", "cuda")
+
+
+def _misaligned_copy(t):
+    """t's values, shape and strides in storage that starts one element past a 16-byte boundary."""
+    buf = torch.empty(t.untyped_storage().nbytes() // t.element_size() + 1, dtype=t.dtype, device=t.device)
+    out = buf.as_strided(t.shape, t.stride(), t.storage_offset() + 1)
+    out.copy_(t.detach())
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_misaligned_input_takes_the_gather_path_gpu(dtype):
+    if "cuda" not in KERNEL_BACKENDS:
+        pytest.skip("fastnets._C sees no device")
+    case = ASYNC_CASES[0]
+    x, w, b, _, res, _ = _inputs(case, dtype, "channels_last", "nobn")
+    x, res = _misaligned_copy(x), _misaligned_copy(res)
+    kw = dict(stride=case.stride, padding=case.padding, groups=case.groups, activation=case.act)
+    with torch.no_grad():
+        with ran_on("cuda", "conv_bn_act"):
+            out = conv_bn_act(x, w, b, residual=res, **kw)
+        ref = F.relu(F.conv2d(upcast(x), upcast(w), upcast(b), case.stride, case.padding) + upcast(res))
+        stock = F.relu(F.conv2d(x, w, b, case.stride, case.padding) + res)
+    assert_parity(out, ref, stock)

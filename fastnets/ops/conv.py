@@ -214,6 +214,10 @@ def _cuda_launch(x, w, b, residual, y, z, pmean, pm2, stride, padding, dilation,
     """Calls fastnets._C.conv_fwd (its arguments are described in csrc/conv.h)."""
     mod = _ext.module()
     b32 = b.float().contiguous() if b is not None else None
+    if x.dtype != torch.float32 and x.stride(1) == 1 and w.stride(1) != 1 and w.shape[1] % 8 == 0:
+        # An OHWI copy of an OIHW weight beside an NHWC input: the 16-bit GEMM's fast path reads
+        # both operands by 16-byte asynchronous copies along the input channels (csrc/conv.cu).
+        w = w.contiguous(memory_format=torch.channels_last)
     with torch.cuda.device(x.device):
         mod.conv_fwd(*_cuda_args(x), *_cuda_args(w), _ext.ptr(b32),
                      _ext.ptr(residual), list(residual.stride()) if residual is not None else [0, 0, 0, 0],
