@@ -458,3 +458,44 @@ def test_gpu_opcheck_and_compile(backend):
         compiled = torch.compile(lambda q, k, v: FF.scaled_dot_product_attention(q, k, v, is_causal=True),
                                  fullgraph=True)
         torch.testing.assert_close(compiled(q, k, v), FF.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the CUDA kernels' operand tiles by 16-byte cp.async copies (csrc/attention.cu
+# load_tile_async: rows contiguous, head dims and row strides multiples of 16 bytes, aligned
+# pointers; the forward overlaps the next K tile and the current V tile with the math) and the
+# plain loads they fall back to (E = 60 for 16-bit types, odd E, strided views, a misaligned input).
+
+def _misaligned_copy(t):
+    """t's values, shape and strides in storage that starts one element past a 16-byte boundary."""
+    buf = torch.empty(t.untyped_storage().nbytes() // t.element_size() + 1, dtype=t.dtype, device=t.device)
+    out = buf.as_strided(t.shape, t.stride(), t.storage_offset() + 1)
+    out.copy_(t.detach())
+    assert out.data_ptr() % 16 != 0
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
+@pytest.mark.parametrize("E,layout,causal", [(64, "contiguous", False), (64, "bshd", True), (128, "contiguous", True),
+                                             (256, "bshd", False), (60, "contiguous", True),
+                                             (33, "contiguous", False), (64, "noncontiguous", False)])
+def test_cuda_async_copy_and_plain_load_paths_gpu(dtype, E, layout, causal):
+    if "cuda" not in KERNEL_BACKENDS:
+        pytest.skip("fastnets._C sees no device")
+    q, k, v = _qkv(2, 4, 77, 93 if not causal else 77, E, dtype=dtype, layout=layout)
+    check_parity("cuda", q, k, v, is_causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
+def test_cuda_misaligned_inputs_gpu(dtype):
+    if "cuda" not in KERNEL_BACKENDS:
+        pytest.skip("fastnets._C sees no device")
+    q, k, v = (_misaligned_copy(t) for t in _qkv(2, 4, 77, 93, 64, dtype=dtype))
+    with torch.no_grad():
+        with ran_on("cuda", "attention"):
+            out = FF.scaled_dot_product_attention(q, k, v)
+        ref = F.scaled_dot_product_attention(*(t.double() for t in (q, k, v)))
+        stock = F.scaled_dot_product_attention(q, k, v)
+    assert_parity(out, ref, stock)
