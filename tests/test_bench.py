@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 
 MEASUREMENT_KEYS = {"kind", "case", "variant", "label", "side", "status", "reason", "baseline", "median_ms", "q20_ms",
                     "q80_ms", "reps", "speedup", "vs_best_stock", "gbps", "tflops", "roofline_fraction", "items_per_s",
-                    "peak_mem_bytes", "check"}
+                    "peak_mem_bytes", "check", "runs_ms", "vs_best_stock_runs"}
 
 
 def _validate(results: dict) -> None:
@@ -134,7 +134,7 @@ def test_model_measurements_of_a_pair(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "CASES", models.CASES + [models.ModelCase("tiny_cnn", size=16, min_size=8)])
     monkeypatch.setattr(models, "fastnets_of", lambda case, stock: (copy.deepcopy(stock), "the same network"))
     rc = main(["--models", "tiny_cnn", "--batch", "1", "3", "--train-batch", "4", "--quick", "--no-plots",
-               "--out", str(tmp_path)])
+               "--repeat", "2", "--out", str(tmp_path)])
     assert rc == 0
     results = json.loads((tmp_path / "results.json").read_text())
     _validate(results)
@@ -148,13 +148,16 @@ def test_model_measurements_of_a_pair(tmp_path, monkeypatch):
             assert math.isclose(m["items_per_s"], int(case.split(" b")[1].split()[0]) / (m["median_ms"] * 1e-3))
             assert m["peak_mem_bytes"] >= harness.tensor_bytes(_tiny_cnn())
         assert ms[(case, "fastnets")]["check"].startswith("ok (rel err")  # same network, same weights
+        # --repeat 2: two runs of each variant, and the fused variant's ratio within each run
+        assert len(ms[(case, "eager")]["runs_ms"]) == 2 and len(ms[(case, "fastnets")]["vs_best_stock_runs"]) == 2
+        assert "runs: min / median / max (2 runs)" in (tmp_path / "table.md").read_text()
         assert ms[(case, "eager")]["speedup"] == 1.0
         assert "CUDA graphs" in ms[(case, "fastnets_graphs")]["reason"]
         assert "torch.compile is off" in ms[(case, "compile")]["reason"]
 
 
 def test_cli_rejects_bad_arguments(capsys):
-    for argv in (["--shrink", "0"], ["--op-batch", "0"], ["--batch", "0"], ["--dtype", "fp8"]):
+    for argv in (["--shrink", "0"], ["--op-batch", "0"], ["--batch", "0"], ["--dtype", "fp8"], ["--repeat", "0"]):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
@@ -250,6 +253,29 @@ def test_time_cpu_statistics():
     calls = []
     t = harness.time_cpu(lambda: calls.append(1), warmup=2, min_reps=4, max_reps=6, target_s=0.0)
     assert t.reps == 4 and len(calls) == 6 and t.q20_ms <= t.median_ms <= t.q80_ms
+
+
+def test_repeated_runs_pool_their_calls_and_keep_each_runs_median():
+    runs = [harness._summary([1.0, 2.0, 3.0]), harness._summary([4.0, 5.0, 6.0])]
+    t = harness.repeated(runs)
+    assert t.runs_ms == [2.0, 5.0] and t.reps == 6 and t.median_ms == 3.5
+    assert harness.repeated(runs[:1]) is runs[0]  # one run: as it was
+    boom = RuntimeError("x")
+    assert harness.repeated([runs[0], boom]) is boom
+
+
+def test_spread_of_the_ratio_to_stock_within_each_run():
+    ms = [_m("c", "eager", "stock", 4.0, runs_ms=[4.0, 4.0, 6.0]), _m("c", "eager_cl", "stock", 2.0,
+                                                                     runs_ms=[2.0, 3.0, 1.0]),
+          _m("c", "fastnets", "fastnets", 2.0, runs_ms=[2.5, 2.0, 1.0])]
+    harness.speedups(ms)
+    assert ms[2].vs_best_stock_runs == [0.8, 1.5, 1.0]  # each run's fastest stock over its own time
+    m = ms[2].to_json()
+    assert report._spread(m) == (0.8, 1.0, 1.5) and report._spread_text(m) == "0.80 / 1.00 / 1.50"
+    # below 1 by more than PAR, but not in every run: on par within the spread, not "slower"
+    assert report._finding(0.9, [], (0.8, 0.9, 1.1)) == "on par (within the runs' spread)"
+    assert report._finding(0.9, [], (0.8, 0.9, 0.95)) == "**slower than stock**"
+    assert report._finding(0.9, []) == "**slower than stock**" and report._finding(1.1, [], (0.9, 1.1, 1.2)) == "faster"
 
 
 def test_time_cpu_interleaved_rounds_and_failures():

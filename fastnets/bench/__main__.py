@@ -65,6 +65,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     "model's own, 224 for most)")
     ap.add_argument("--shrink", type=int, default=1, metavar="K",
                     help="divide the op cases' spatial sizes and sequence lengths by K (smoke runs on a CPU)")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="time each model configuration in N runs (each run interleaves the variants) and report "
+                         "the min/median/max over the runs of the ratio to the fastest stock variant (default 1)")
     ap.add_argument("--no-plots", action="store_true", help="do not draw the plots")
     ap.add_argument("--list", action="store_true", help="list the op cases and models, and exit")
     args = ap.parse_args(argv)
@@ -76,6 +79,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         ap.error("--batch sizes must be positive")
     if args.shrink < 1:
         ap.error("--shrink must be at least 1")
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     return args
 
 
@@ -221,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                                batches=args.batch or ([1, 32, 256] if gpu else [8]),
                                train_batch=(train_default if args.train_batch is None else args.train_batch) or None,
                                compile_mode=("none" if (quick and args.compile == "auto") else args.compile),
-                               image_size=args.image_size, quick=quick, train_all=bool(args.models))
+                               image_size=args.image_size, quick=quick, train_all=bool(args.models),
+                               repeat=args.repeat)
     out = args.out or os.path.join("out", f"bench-{_slug(meta['gpu'] or 'cpu')}-"
                                    f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(out, exist_ok=True)
@@ -235,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"schema": report.SCHEMA, "meta": meta, "config": {
         "quick": quick, "budget_s": budget.seconds, "dtypes": args.dtype, "op_batch": op_st.batch,
         "model_batches": model_st.batches, "train_batch": model_st.train_batch, "compile": args.compile,
-        "shrink": args.shrink, "image_size": args.image_size, "ops": [c.name for c in op_cases],
+        "shrink": args.shrink, "image_size": args.image_size, "repeat": args.repeat, "ops": [c.name for c in op_cases],
         "models": [c.name for c in model_cases], "backends": backends}}
     json_path = os.path.join(out, "results.json")
 

@@ -44,6 +44,8 @@ class Timing:
     q20_ms: float
     q80_ms: float
     reps: int
+    samples_ms: list[float] = dataclasses.field(default_factory=list, repr=False)  # CPU: every timed call
+    runs_ms: list[float] | None = None  # with repeated runs (--repeat): each run's median
 
 
 def sync(device: torch.device) -> None:
@@ -107,6 +109,26 @@ def time_cpu_interleaved(fns: dict[str, Callable[[], Any]], *, min_reps: int = 3
     return {k: failed[k] if k in failed else _summary(times[k]) for k in fns}
 
 
+def repeated(timings: list["Timing | Exception"]) -> "Timing | Exception":
+    """One Timing from the same variant's repeated runs (--repeat): the median and quantiles of
+    every timed call together, and each run's median in runs_ms (the spread between runs). A run
+    that raised makes the whole an error."""
+    for t in timings:
+        if isinstance(t, Exception):
+            return t
+    if len(timings) == 1:
+        return timings[0]
+    runs = [t.median_ms for t in timings]
+    pooled = [x for t in timings for x in t.samples_ms]
+    if pooled:
+        out = _summary(pooled)
+    else:  # GPU timings carry no samples: the median of the runs' medians
+        out = Timing(statistics.median(runs), min(t.q20_ms for t in timings), max(t.q80_ms for t in timings),
+                     sum(t.reps for t in timings))
+    out.runs_ms = runs
+    return out
+
+
 def unwrap(result: "Timing | Exception") -> Timing:
     if isinstance(result, Exception):
         raise result
@@ -138,7 +160,7 @@ def _summary(times_ms: list[float]) -> Timing:
     def q(p: float) -> float:
         return ordered[min(len(ordered) - 1, max(0, round(p * (len(ordered) - 1))))]
 
-    return Timing(statistics.median(ordered), q(0.2), q(0.8), len(ordered))
+    return Timing(statistics.median(ordered), q(0.2), q(0.8), len(ordered), list(times_ms))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,6 +263,8 @@ class Measurement:
     items_per_s: float | None = None      # images or sequences per second (models)
     peak_mem_bytes: int | None = None     # models
     check: str | None = None              # fastnets output against stock: "ok (rel 3e-4)" / "MISMATCH ..."
+    runs_ms: list[float] | None = None    # with --repeat N: the median of each of the N runs
+    vs_best_stock_runs: list[float] | None = None  # vs_best_stock within each run (same run's stock variants)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -318,6 +342,7 @@ class Session:
             m.status, m.reason = "error", self.guard(exc)
             return self.add(m)
         m.median_ms, m.q20_ms, m.q80_ms, m.reps = t.median_ms, t.q20_ms, t.q80_ms, t.reps
+        m.runs_ms = t.runs_ms
         if after is not None:
             after(t)
         return self.add(m)
@@ -325,7 +350,9 @@ class Session:
 
 def speedups(measurements: list[Measurement]) -> None:
     """Fills speedup (over the case's baseline: stock eager) and vs_best_stock (over the case's
-    fastest stock variant) of every successful measurement."""
+    fastest stock variant) of every successful measurement; with repeated runs, also
+    vs_best_stock_runs: the same ratio within each run (its fastest stock variant in that run
+    over the variant's median in that run), whose range is the spread that repeating shows."""
     by_case: dict[str, list[Measurement]] = {}
     for m in measurements:
         by_case.setdefault(m.case, []).append(m)
@@ -336,6 +363,9 @@ def speedups(measurements: list[Measurement]) -> None:
             base = next((b for b in ok if b.variant == m.baseline), None)
             m.speedup = base.median_ms / m.median_ms if base else None
             m.vs_best_stock = min(stock) / m.median_ms if stock else None
+            runs = [s.runs_ms for s in ok if s.side == "stock" and s.runs_ms]
+            if m.runs_ms and runs and all(len(r) == len(m.runs_ms) for r in runs):
+                m.vs_best_stock_runs = [min(r[i] for r in runs) / t for i, t in enumerate(m.runs_ms)]
 
 
 def _context_alive(device: torch.device) -> bool:

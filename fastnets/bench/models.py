@@ -199,6 +199,7 @@ class Settings:
     image_size: int | None = None
     quick: bool = False
     train_all: bool = False            # train every model run (models named explicitly), not only the defaults'
+    repeat: int = 1                    # timed runs per configuration (--repeat): their spread is reported
 
     def dtype_on(self, device: torch.device) -> torch.dtype:
         return self.dtype or (torch.float16 if device.type == "cuda" else torch.float32)
@@ -334,18 +335,22 @@ def _run_config(session: harness.Session, case: ModelCase, mode: str, batch: int
                 m.peak_mem_bytes = calls.peak_memory(v, fn)
 
         if device.type == "cuda":
-            session.run(m, lambda fn=fn: harness.time_gpu(fn, rep_ms=50 if st.quick else 200,
-                                                          min_reps=3 if st.quick else 5), after)
+            session.run(m, lambda fn=fn: harness.unwrap(harness.repeated(
+                [harness.time_gpu(fn, rep_ms=50 if st.quick else 200, min_reps=3 if st.quick else 5)
+                 for _ in range(st.repeat)])), after)
             calls.release(v)
         else:
             interleaved.append((v, m, fn, after))
     if interleaved:
         # rounds of one call of each variant: a change in the machine's load (a shared CPU) hits
         # every variant alike instead of whichever was timed at the time
-        timings = harness.time_cpu_interleaved({v: fn for v, _, fn, _ in interleaved}, min_reps=3,
-                                               max_reps=5 if st.quick else 10, target_s=0.3 if st.quick else 2.0)
+        # With --repeat N, N such runs one after another: each run's ratios are of the same moment;
+        # their range is the spread that the table reports.
+        runs = [harness.time_cpu_interleaved({v: fn for v, _, fn, _ in interleaved}, min_reps=3,
+                                             max_reps=5 if st.quick else 10, target_s=0.3 if st.quick else 2.0)
+                for _ in range(st.repeat)]
         for v, m, _, after in interleaved:
-            session.run(m, lambda t=timings[v]: harness.unwrap(t), after)
+            session.run(m, lambda t=harness.repeated([r[v] for r in runs]): harness.unwrap(t), after)
     del calls
     if device.type == "cuda":
         torch.cuda.empty_cache()
