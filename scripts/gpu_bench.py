@@ -154,7 +154,7 @@ def intercept(worker: int, workers: int, seen: set) -> None:
     from triton.runtime.jit import JITFunction
 
     local = threading.local()
-    run_jit, = (JITFunction.run,)
+    run_jit = JITFunction.run
 
     def mine(name, args, kwargs) -> bool:
         key = repr((name, [_spec(a) for a in args],
@@ -170,7 +170,8 @@ def intercept(worker: int, workers: int, seen: set) -> None:
         return None
 
     def tuned_run(self, *args, **kwargs):
-        if not mine(self.base_fn.__name__, args, kwargs):
+        kwargs.pop("warmup", None)  # fn[grid](...) passes warmup=False; Autotuner.warmup sets its own
+        if not mine(getattr(self, "base_fn", self.fn).__name__, args, kwargs):
             return None
         local.inside = True
         try:

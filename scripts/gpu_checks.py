@@ -124,11 +124,11 @@ def fast(fam: Family, i: dict):
 
 
 def _clone(i: dict, dtype=None) -> dict:
+    """Copies with the same sizes and strides (a strided view stays strided), optionally upcast."""
     out = {}
     for k, v in i.items():
-        t = v.detach().to(dtype) if dtype is not None else v.detach()
-        t = t.clone(memory_format=torch.preserve_format) if t.is_contiguous() or t.is_contiguous(
-            memory_format=torch.channels_last) else t.clone()
+        t = torch.empty_strided(v.shape, v.stride(), dtype=dtype or v.dtype, device=v.device)
+        t.copy_(v.detach())
         out[k] = t.requires_grad_(v.requires_grad)
     return out
 

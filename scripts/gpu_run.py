@@ -365,6 +365,7 @@ def main(argv=None) -> int:
     ap.add_argument("--precompile", help=argparse.SUPPRESS)  # "k/N/mode": a compile worker
     args = ap.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(1, ROOT)  # fastnets from this checkout, installed or not
     if args.budget is not None and args.budget <= 0:
         ap.error("--budget must be positive")
     if args.precompile:

@@ -217,3 +217,52 @@ def test_fixed_tile_config_is_one_per_launch():
     env = dict(os.environ, FASTNETS_AUTOTUNE="fixed", TRITON_INTERPRET="0")
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
+
+
+_INTERCEPT = r'''
+import os, sys
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[2], "scripts"), sys.argv[2]]
+import torch
+import kmod
+from triton.runtime.jit import JITFunction
+calls = []
+JITFunction.run = lambda self, *a, grid, warmup, **kw: calls.append((self.fn.__name__, warmup, kw.get("B")))
+import gpu_bench
+gpu_bench.intercept(0, 1, set())
+x = torch.zeros(4)
+kmod.k[(1,)](x, 7)
+kmod.k[(1,)](x, 7)  # the same variant again: compiled once
+kmod.k[(1,)](x, 1)  # an argument equal to 1 is another specialization
+kmod.j[(1,)](x, 7, B=16)
+print(calls)
+'''
+
+_KMOD = '''import triton
+import triton.language as tl
+from fastnets.kernels import _common
+
+
+@_common.autotune([triton.Config({"B": 16}), triton.Config({"B": 32})], key=["n"])
+@triton.jit
+def k(x, n, B: tl.constexpr):
+    pass
+
+
+@triton.jit
+def j(x, n, B: tl.constexpr):
+    pass
+'''
+
+
+@pytest.mark.parametrize("mode", ["search", "fixed"])
+def test_precompile_turns_launches_into_compiles(tmp_path, mode):
+    """Stage 1's precompile: a launch compiles (warmup=True) instead of running, every pruned
+    autotune config under search and one under fixed, each variant once."""
+    (tmp_path / "kmod.py").write_text(_KMOD)
+    env = dict(os.environ, FASTNETS_AUTOTUNE=mode, TRITON_INTERPRET="0")
+    p = subprocess.run([sys.executable, "-c", _INTERCEPT, str(tmp_path), ROOT], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    calls = eval(p.stdout.strip().splitlines()[-1])  # noqa: S307 - our own printout
+    per_variant = [("k", True, 16), ("k", True, 32)] if mode == "search" else [("k", True, 16)]
+    assert calls == per_variant * 2 + [("j", True, 16)], calls
