@@ -309,38 +309,55 @@ global_pool_rows_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t* _
   }
 }
 
-// Channels-last planes: a block of 32 channels x 8 pixel slices; each thread scans its slice
-// (pixels r = slice, slice + 8, ...), then the 8 slices combine in shared memory.
+// Channels-last planes: a block of 32 x VEC channels x 8 pixel slices; each thread scans its slice
+// (pixels r = slice, slice + 8, ...) for its VEC neighbouring channels (one 16-byte load per pixel
+// when VEC > 1: channel stride 1, C and the other strides multiples of VEC, x aligned), then the 8
+// slices combine in shared memory. Per channel, the same operations in the same order for any VEC.
 constexpr int kColSlices = 8;
-template <class T, class I>
+template <class T, class I, int VEC>
 __global__ void __launch_bounds__(32 * kColSlices)
 global_pool_cols_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t* __restrict__ idx, GlobalGeom<I> g) {
-  __shared__ float sval[kColSlices][32];
-  __shared__ int64_t sidx[kColSlices][32];
+  __shared__ float sval[kColSlices][32 * VEC];
+  __shared__ int64_t sidx[kColSlices][32 * VEC];
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const int64_t groups = (static_cast<int64_t>(g.C) + 31) / 32;
+  const int64_t groups = (static_cast<int64_t>(g.C) + 32 * VEC - 1) / (32 * VEC);
   for (int64_t b = blockIdx.x; b < static_cast<int64_t>(g.N) * groups; b += gridDim.x) {  // uniform per block
-    const I n = static_cast<I>(b / groups), c = static_cast<I>((b % groups) * 32 + tx);
-    float v = g.is_max ? -INFINITY : 0.f;
-    int64_t i = kNoIndex;
+    const I n = static_cast<I>(b / groups), c = static_cast<I>(((b % groups) * 32 + tx) * VEC);
+    float v[VEC];
+    int64_t i[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      v[j] = g.is_max ? -INFINITY : 0.f;
+      i[j] = kNoIndex;
+    }
     if (c < g.C) {
       const T* xp = x + n * g.sxn + c * g.sxc;
       for (I r = ty; r < g.R; r += kColSlices) {
-        const float a = to_float(xp[pixel_offset(g, r)]);
-        if (g.is_max) scan_step(v, i, a, r);
-        else v += a;
+        float a[VEC];
+        load_vec<T, VEC>(xp + pixel_offset(g, r), a);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          if (g.is_max) scan_step(v[j], i[j], a[j], r);
+          else v[j] += a[j];
+        }
       }
     }
-    sval[ty][tx] = v;
-    sidx[ty][tx] = i;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      sval[ty][tx * VEC + j] = v[j];
+      sidx[ty][tx * VEC + j] = i[j];
+    }
     __syncthreads();
     if (ty == 0 && c < g.C) {
-      for (int k = 1; k < kColSlices; ++k) {
-        if (g.is_max) max_combine(v, i, sval[k][tx], sidx[k][tx]);
-        else v += sval[k][tx];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        for (int k = 1; k < kColSlices; ++k) {
+          if (g.is_max) max_combine(v[j], i[j], sval[k][tx * VEC + j], sidx[k][tx * VEC + j]);
+          else v[j] += sval[k][tx * VEC + j];
+        }
+        out[n * g.son + (c + j) * g.soc] = from_float<T>(g.is_max ? v[j] : v[j] / static_cast<float>(g.R));
+        if (idx != nullptr) idx[n * g.sin + (c + j) * g.sic] = i[j];
       }
-      out[n * g.son + c * g.soc] = from_float<T>(g.is_max ? v : v / static_cast<float>(g.R));
-      if (idx != nullptr) idx[n * g.sin + c * g.sic] = i;
     }
     __syncthreads();
   }
@@ -533,10 +550,18 @@ void pool2d_backward(std::uintptr_t grad_out, const Shape& go_shape, const Shape
 
 namespace {
 template <class T, class I>
-void run_global(const T* x, T* out, int64_t* idx, const GlobalGeom<I>& g, bool channels_last, cudaStream_t s) {
+void run_global(const T* x, T* out, int64_t* idx, const GlobalGeom<I>& g, bool channels_last, bool wide,
+                cudaStream_t s) {
   if (channels_last) {
+    constexpr int V = 16 / sizeof(T);
+    if (wide) {  // 16 bytes of channels per thread
+      const int64_t blocks = static_cast<int64_t>(g.N) * ceil_div(g.C, 32 * V);
+      global_pool_cols_kernel<T, I, V><<<grid_x(blocks), dim3(32, kColSlices), 0, s>>>(x, out, idx, g);
+      FN_LAUNCH_CHECK("global_pool_cols_kernel (128-bit)");
+      return;
+    }
     const int64_t blocks = static_cast<int64_t>(g.N) * ceil_div(g.C, 32);
-    global_pool_cols_kernel<T, I><<<grid_x(blocks), dim3(32, kColSlices), 0, s>>>(x, out, idx, g);
+    global_pool_cols_kernel<T, I, 1><<<grid_x(blocks), dim3(32, kColSlices), 0, s>>>(x, out, idx, g);
     FN_LAUNCH_CHECK("global_pool_cols_kernel");
   } else {
     const int64_t blocks = ceil_div(static_cast<int64_t>(g.N) * g.C, kThreads / 32);
@@ -575,14 +600,16 @@ void global_pool2d(std::uintptr_t x, const Shape& x_shape, const Shape& x_stride
   int64_t* idx = is_max && indices ? as_ptr<int64_t>(indices) : nullptr;
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
+    const bool wide = channels_last &&
+                      vec_width(x_shape[1], sizeof(T), {{x, &x_strides}}) == static_cast<int>(16 / sizeof(T));
     if (narrow) {
       run_global<T, int32_t>(as_ptr<const T>(x), as_ptr<T>(out), idx,
                              make_global_geom<int32_t>(x_shape, x_strides, out_strides, idx_strides, is_max),
-                             channels_last, as_stream(stream));
+                             channels_last, wide, as_stream(stream));
     } else {
       run_global<T, int64_t>(as_ptr<const T>(x), as_ptr<T>(out), idx,
                              make_global_geom<int64_t>(x_shape, x_strides, out_strides, idx_strides, is_max),
-                             channels_last, as_stream(stream));
+                             channels_last, wide, as_stream(stream));
     }
   });
 }

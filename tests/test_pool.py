@@ -696,3 +696,8 @@ def test_cuda_vector_and_scalar_paths_gpu(dtype, C, misaligned):
     _check("avg_pool2d", lambda t: FF.avg_pool2d(t, 3, 2, 1), lambda t: F.avg_pool2d(t, 3, 2, 1), x, "cuda")
     _check("adaptive_max_pool2d", lambda t: FF.adaptive_max_pool2d(t, (4, 5), return_indices=True),
            lambda t: F.adaptive_max_pool2d(t, (4, 5), return_indices=True), x, "cuda", indices=True)
+    # Global pooling (the 1x1 output): global_pool_cols_kernel, 16 bytes of channels per thread.
+    _check("adaptive_avg_pool2d", lambda t: FF.adaptive_avg_pool2d(t, 1), lambda t: F.adaptive_avg_pool2d(t, 1),
+           x, "cuda")
+    _check("adaptive_max_pool2d", lambda t: FF.adaptive_max_pool2d(t, 1, return_indices=True),
+           lambda t: F.adaptive_max_pool2d(t, 1, return_indices=True), x, "cuda", indices=True)
