@@ -15,11 +15,13 @@
 // 32 neighbouring channels), TC = 1 with TR = 256 lanes along the positions otherwise (NCHW).
 // Elementwise passes (forward, the backward's dx) take one element per thread in the memory order
 // of x (channels fastest for channels_last, positions fastest for NCHW), in a grid-stride loop.
-// The elementwise passes have a 128-bit path for channels_last (V channels per thread, csrc/vec.h).
+// The elementwise passes and the reductions have a 128-bit path for channels_last (V channels per
+// thread, csrc/vec.h).
 // Math in float32. Index arithmetic in I = int32 when every offset fits with margin, else int64.
 #include <algorithm>
 #include <cmath>
 #include <initializer_list>
+#include <type_traits>
 
 #include "activation.h"
 #include "norm_act.h"
@@ -115,43 +117,69 @@ __device__ __forceinline__ float pre_activation(const T* __restrict__ x, const T
 // ---------------------------------------------------------------------------------------------
 // Training statistics.
 
-template <class T, class I>
+// V = 1: one channel per thread, any strides. V = vec_width<T>() (channels_last, channel stride 1,
+// C and the other strides multiples of V, x aligned): V neighbouring channels per thread, one
+// 128-bit load per row; per channel the same operations in the same order.
+template <class T, class I, int V>
 __global__ void stats_partial_kernel(const T* __restrict__ x, Geo<I> g, View<I> sx, I rows_per,
                                      float* __restrict__ pmean, float* __restrict__ pm2) {
-  __shared__ float sh_n[kThreads], sh_mean[kThreads], sh_m2[kThreads];
+  __shared__ float sh_n[kThreads], sh_mean[kThreads * V], sh_m2[kThreads * V];
   const int tc = threadIdx.x, tr = threadIdx.y, TC = blockDim.x, TR = blockDim.y;
-  const I c = static_cast<I>(blockIdx.x) * TC + tc;
+  const I c = (static_cast<I>(blockIdx.x) * TC + tc) * V;
   const I p = static_cast<I>(blockIdx.y);
   const I r0 = p * rows_per;
   const I r1 = std::min<I>(r0 + rows_per, g.R);
-  float cnt = 0.f, mean = 0.f, m2 = 0.f;
+  float cnt = 0.f, mean[V], m2[V], k[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) mean[j] = m2[j] = k[j] = 0.f;
   if (c < g.C) {
-    const float k = shift_of(x, c, sx.c);
+#pragma unroll
+    for (int j = 0; j < V; ++j) k[j] = shift_of(x, c + j, sx.c);
     for (I r = r0 + tr; r < r1; r += TR) {  // Welford on x - K, one value at a time
       const I n = r / g.S;
-      const float v = to_float(x[sx.at(n, c, r - n * g.S)]) - k;
+      float v[V];
+      if constexpr (V == 1) {
+        v[0] = to_float(x[sx.at(n, c, r - n * g.S)]);
+      } else {
+        load_vec<V>(x + sx.at(n, c, r - n * g.S), v);
+      }
       cnt += 1.f;
-      const float d = v - mean;
-      mean += d / cnt;
-      m2 += d * (v - mean);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float vj = v[j] - k[j];
+        const float d = vj - mean[j];
+        mean[j] += d / cnt;
+        m2[j] += d * (vj - mean[j]);
+      }
     }
   }
   const int t = tr * TC + tc;
   sh_n[t] = cnt;
-  sh_mean[t] = mean;
-  sh_m2[t] = m2;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    sh_mean[t * V + j] = mean[j];
+    sh_m2[t * V + j] = m2[j];
+  }
   __syncthreads();
   for (int half = TR / 2; half > 0; half >>= 1) {  // a fixed tree: deterministic
     if (tr < half) {
       const int o = (tr + half) * TC + tc;
-      chan_merge(sh_n[t], sh_mean[t], sh_m2[t], sh_n[o], sh_mean[o], sh_m2[o]);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        float na = sh_n[t];
+        chan_merge(na, sh_mean[t * V + j], sh_m2[t * V + j], sh_n[o], sh_mean[o * V + j], sh_m2[o * V + j]);
+        if (j == V - 1) sh_n[t] = na;
+      }
     }
     __syncthreads();
   }
   if (tr == 0 && c < g.C) {
-    const int64_t out = static_cast<int64_t>(p) * g.C + c;
-    pmean[out] = sh_mean[tc];
-    pm2[out] = sh_m2[tc];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int64_t out = static_cast<int64_t>(p) * g.C + c + j;
+      pmean[out] = sh_mean[tc * V + j];
+      pm2[out] = sh_m2[tc * V + j];
+    }
   }
 }
 
@@ -258,43 +286,67 @@ __global__ void forward_vec_kernel(const T* __restrict__ x, const T* __restrict_
 // ---------------------------------------------------------------------------------------------
 // Backward: the reduction pass (partials, then a fixed-order sum), then the elementwise pass.
 
-template <class T, class I>
+// V as in stats_partial_kernel (the vector path also needs dy and the residual channels_last).
+template <class T, class I, int V>
 __global__ void bwd_reduce_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ r,
                                   Geo<I> g, View<I> sdy, View<I> sx, View<I> sr, Channel ch, int act, I rows_per,
                                   float* __restrict__ psum_dz, float* __restrict__ psum_dzx) {
-  __shared__ float sh_a[kThreads], sh_b[kThreads];
+  __shared__ float sh_a[kThreads * V], sh_b[kThreads * V];
   const int tc = threadIdx.x, tr = threadIdx.y, TC = blockDim.x, TR = blockDim.y;
-  const I c = static_cast<I>(blockIdx.x) * TC + tc;
+  const I c = (static_cast<I>(blockIdx.x) * TC + tc) * V;
   const I p = static_cast<I>(blockIdx.y);
   const I r0 = p * rows_per;
   const I r1 = std::min<I>(r0 + rows_per, g.R);
-  float a = 0.f, b = 0.f;
+  float a[V], b[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) a[j] = b[j] = 0.f;
   if (c < g.C) {
     for (I row = r0 + tr; row < r1; row += TR) {
       const I n = row / g.S, s = row - n * g.S;
-      float xhat, scale;
-      const float z = pre_activation(x, r, sx, sr, n, c, s, ch, &xhat, &scale);
-      const float dz = act_bwd(z, to_float(dy[sdy.at(n, c, s)]), act);
-      a += dz;
-      b += dz * xhat;
+      if constexpr (V == 1) {
+        float xhat, scale;
+        const float z = pre_activation(x, r, sx, sr, n, c, s, ch, &xhat, &scale);
+        const float dz = act_bwd(z, to_float(dy[sdy.at(n, c, s)]), act);
+        a[0] += dz;
+        b[0] += dz * xhat;
+      } else {
+        float z[V], xhat[V], scale[V], gv[V];
+        pre_activation_vec<V>(x, r, sx, sr, n, c, s, ch, z, xhat, scale);
+        load_vec<V>(dy + sdy.at(n, c, s), gv);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float dz = act_bwd(z[j], gv[j], act);
+          a[j] += dz;
+          b[j] += dz * xhat[j];
+        }
+      }
     }
   }
   const int t = tr * TC + tc;
-  sh_a[t] = a;
-  sh_b[t] = b;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    sh_a[t * V + j] = a[j];
+    sh_b[t * V + j] = b[j];
+  }
   __syncthreads();
   for (int half = TR / 2; half > 0; half >>= 1) {
     if (tr < half) {
       const int o = (tr + half) * TC + tc;
-      sh_a[t] += sh_a[o];
-      sh_b[t] += sh_b[o];
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        sh_a[t * V + j] += sh_a[o * V + j];
+        sh_b[t * V + j] += sh_b[o * V + j];
+      }
     }
     __syncthreads();
   }
   if (tr == 0 && c < g.C) {
-    const int64_t out = static_cast<int64_t>(p) * g.C + c;
-    psum_dz[out] = sh_a[tc];
-    psum_dzx[out] = sh_b[tc];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int64_t out = static_cast<int64_t>(p) * g.C + c + j;
+      psum_dz[out] = sh_a[tc * V + j];
+      psum_dzx[out] = sh_b[tc * V + j];
+    }
   }
 }
 
@@ -454,14 +506,23 @@ void launch_stats_partial(std::uintptr_t x, const Shape& dims, const Shape& sx, 
                           std::uintptr_t pmean, std::uintptr_t pm2, int64_t P, int64_t rows_per, int dtype,
                           cudaStream_t stream) {
   const Geo<I> g = geometry<I>(dims, channels_inner);
-  const dim3 block = reduce_block(dims[1], channels_inner);
-  const dim3 grid(grid_x(ceil_div(dims[1], block.x)), static_cast<unsigned int>(P));
+  const bool vec = vector_path(dtype, channels_inner, dims, {{x, &sx}}, Channel{});
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    stats_partial_kernel<T, I><<<grid, block, 0, stream>>>(as_ptr<const T>(x), g, view<I>(sx),
-                                                           static_cast<I>(rows_per), as_ptr<float>(pmean),
-                                                           as_ptr<float>(pm2));
-    FN_LAUNCH_CHECK("stats_partial_kernel");
+    const auto launch = [&](auto v_tag) {
+      constexpr int V = decltype(v_tag)::value;
+      const dim3 block = reduce_block(dims[1] / V, channels_inner);
+      const dim3 grid(grid_x(ceil_div(dims[1], static_cast<int64_t>(block.x) * V)), static_cast<unsigned int>(P));
+      stats_partial_kernel<T, I, V><<<grid, block, 0, stream>>>(as_ptr<const T>(x), g, view<I>(sx),
+                                                                static_cast<I>(rows_per), as_ptr<float>(pmean),
+                                                                as_ptr<float>(pm2));
+      FN_LAUNCH_CHECK("stats_partial_kernel");
+    };
+    if (vec) {
+      launch(std::integral_constant<int, vec_width<T>()>{});
+    } else {
+      launch(std::integral_constant<int, 1>{});
+    }
   });
 }
 
@@ -496,12 +557,20 @@ void launch_backward(std::uintptr_t dy, std::uintptr_t x, std::uintptr_t r, std:
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     if (sum_dz) {
-      const dim3 block = reduce_block(C, channels_inner);
-      const dim3 grid(grid_x(ceil_div(C, block.x)), static_cast<unsigned int>(P));
-      bwd_reduce_kernel<T, I><<<grid, block, 0, stream>>>(
-          as_ptr<const T>(dy), as_ptr<const T>(x), as_ptr<const T>(r), g, view<I>(sdy), view<I>(sx), view<I>(sr), ch,
-          act, static_cast<I>(rows_per), as_ptr<float>(psum_dz), as_ptr<float>(psum_dzx));
-      FN_LAUNCH_CHECK("bwd_reduce_kernel");
+      const auto launch = [&](auto v_tag) {
+        constexpr int V = decltype(v_tag)::value;
+        const dim3 block = reduce_block(C / V, channels_inner);
+        const dim3 grid(grid_x(ceil_div(C, static_cast<int64_t>(block.x) * V)), static_cast<unsigned int>(P));
+        bwd_reduce_kernel<T, I, V><<<grid, block, 0, stream>>>(
+            as_ptr<const T>(dy), as_ptr<const T>(x), as_ptr<const T>(r), g, view<I>(sdy), view<I>(sx), view<I>(sr),
+            ch, act, static_cast<I>(rows_per), as_ptr<float>(psum_dz), as_ptr<float>(psum_dzx));
+        FN_LAUNCH_CHECK("bwd_reduce_kernel");
+      };
+      if (vector_path(dtype, channels_inner, dims, {{dy, &sdy}, {x, &sx}, {r, &sr}}, ch)) {
+        launch(std::integral_constant<int, vec_width<T>()>{});
+      } else {
+        launch(std::integral_constant<int, 1>{});
+      }
       bwd_finalize_kernel<<<grid_x(ceil_div(C, kThreads)), kThreads, 0, stream>>>(
           as_ptr<const float>(psum_dz), as_ptr<const float>(psum_dzx), P, as_ptr<float>(sum_dz),
           as_ptr<float>(sum_dzx), C);
