@@ -20,22 +20,27 @@ budget) before the budget. A stage still running at its deadline is stopped (SIG
 what it wrote is kept. Inside a stage, an item whose estimate does not fit before the deadline is
 recorded as dropped, not started.
 
-How the shares were estimated (seconds on an H200 machine, 16 cores; compile seconds measured on
-this project's 2-core CPU machine with Triton 3.9's AOT compile, benchmarks/results/aot-compile-*):
-  stage 1 (0.28 x 540 = 151 s): nvcc of csrc/ for one architecture: 2m21s of CPU time here over
-    13 sources (the largest, conv.cu and attention.cu, ~40 s each), so about 45 s wall on 16 cores;
-    pip and import ~15 s. Triton: ~180 variants for stage 2 (7 families x 3 dtypes x 2 layouts x
-    2 shapes x fwd/bwd kernels, fewer after dedupe) at one config each, plus stage 3's variants at
-    every autotune config (~110), at 1-4 s each (~2.5 s mean) = ~700 s of compile / 16 = ~45 s,
-    plus ~10 s to start the workers (torch import, CUDA context).
+How the shares were estimated (seconds on the H200 machine, 16 cores; compile seconds measured on
+this project's 2-core CPU machine, Triton 3.9 for sm_90, benchmarks/results/aot-compile-2026-11-23/
+triton-3.9.log: _conv_gemm 4.3 s a variant, _conv_depthwise 3.3, _attn_fwd 2.6, _attn_bwd_dq 2.1,
+_attn_bwd_dkdv 1.4, the elementwise and reduction kernels 0.1-0.45; the H200 host's cores are
+taken as 1.5x faster):
+  stage 1 (0.28 x 540 = 151 s): nvcc of csrc/ for one architecture: 2m21s of CPU time here over 13
+    sources, the largest ~40 s, so ~45 s wall on 16 cores; pip ~10 s. Triton, 8 workers per mode:
+    stage 2 at one config: conv 36 variants (3 kernels x 3 dtypes x 2 layouts x 2 shapes) x 4.3 s,
+    attention 12 x 6.3 s (fwd, dq, dkdv, delta), the 5 other families ~60 x 0.3 s = ~250 s here,
+    ~170 s there / 8 = ~21 s; stage 3 at every autotune config: conv fp16 ~8 specializations x 11
+    configs x 4.3 s, attention 2 head dims x 5 configs x 6.1 s, memory-bound ~10 x 6 x 0.4 s, the
+    fused ResNet-50 at one config ~25 x 4.3 s = ~570 s here, ~380 s there / 8 = ~48 s; plus ~10 s
+    to start the workers (torch import, CUDA context). ~115 s in all.
   stage 2 (0.17 x 540 = 92 s): 336 checks (168 per backend); a small one ~0.05 s, a real one
     ~0.3 s (fwd+bwd in the dtype, stock, float64 reference) = ~60 s.
-  stage 3 (0.33 x 540 = 178 s): 8 conv cases x ~7 variants x ~0.15 s (do_bench 10 ms warm-up +
+  stage 3 (0.33 x 540 = 178 s): 8 conv cases x ~5 variants x ~0.15 s (do_bench 10 ms warm-up +
     40 ms) + autotuning (11 configs x 0.13 s each) ~ 25 s; 8 conv-alone ~ 3 s; 12 attention cases
     ~ 45 s (8k backward: ~90 ms a call); 5 memory-bound cases ~ 8 s; ResNet-50: build + fuse ~ 15 s,
     4 inference variants at b256 ~ 10 s, graph capture ~ 5 s, AMP step ~ 10 s; ceilings ~ 5 s.
-  stage 4 (the rest, ~110 s): the gpu-marked tests (~25 files' worth, ~60-120 s with 4 workers),
-    then compute-sanitizer, 2 tools x 7 families at ~5 s each (10-100x slower kernels, small shapes).
+  stage 4 (the rest, ~110 s): the gpu-marked tests (16 files, ~60-120 s with 4 workers), then
+    compute-sanitizer, 2 tools x 7 families at ~5 s each (10-100x slower kernels, small shapes).
 
 Drop order under a shorter --budget (each stage keeps its share, so the cuts fall inside stages,
 from the end of each stage's priority list): stage 4's sanitizer, then its least valuable test

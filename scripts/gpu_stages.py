@@ -167,6 +167,9 @@ def _precompile_bench(dev) -> None:
         import fastnets
         from fastnets.bench import models
 
+        from fastnets.kernels import _common
+
+        _common.FIXED_CONFIG = True  # as stage 3 runs the model
         case = models.select(["resnet50"], dev, False)[0]
         for mode, batch in (("inference", 256), ("training", 64)):
             calls = models.Calls(case, mode, batch, case.size, torch.float16, dev)

@@ -142,13 +142,16 @@ def _installed_ok(cell: Cell, proc, *, editable: bool, built: bool, reason: str 
     return got
 
 
-@pytest.mark.parametrize("editable", [True, False], ids=["editable", "wheel"])
-@pytest.mark.parametrize("mode,nvcc,reason", [
-    ("0", "present", "FASTNETS_BUILD_CUDA=0"),
-    ("auto", "absent", "nvcc was not found"),
-    (None, "absent", "nvcc was not found"),  # unset is auto
-    ("auto", "broken", "simulated compile error"),
-])
+@pytest.mark.parametrize("editable,mode,nvcc,reason", [
+    (True, "0", "present", "FASTNETS_BUILD_CUDA=0"),  # the report of issue 13: the editable copy failed
+    (False, "0", "present", "FASTNETS_BUILD_CUDA=0"),
+    (True, "auto", "absent", "nvcc was not found"),
+    (False, "auto", "absent", "nvcc was not found"),
+    (True, None, "absent", "nvcc was not found"),  # unset is auto
+    (True, "auto", "broken", "simulated compile error"),
+    (False, "auto", "broken", "simulated compile error"),
+], ids=["editable-0", "wheel-0", "editable-auto-no-nvcc", "wheel-auto-no-nvcc", "editable-unset-no-nvcc",
+        "editable-auto-nvcc-fails", "wheel-auto-nvcc-fails"])
 def test_installs_without_the_extension(cell, editable, mode, nvcc, reason):
     proc = cell.install(str(cell.src), editable=editable, mode=mode, nvcc=nvcc)
     _installed_ok(cell, proc, editable=editable, built=False, reason=reason)

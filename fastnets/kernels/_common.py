@@ -31,27 +31,24 @@ AUTOTUNE_CACHE = os.environ.get("FASTNETS_AUTOTUNE_CACHE", "1") != "0"
 
 
 # FASTNETS_AUTOTUNE=fixed: no search. Each launch takes the first candidate that the kernel's own
-# pruning keeps (the one a single-config interpreter run would mirror), and nothing is timed: the
-# GPU run's correctness stage (scripts/gpu_run.py) and a fixed-cost precompile use it.
+# pruning keeps, and nothing is compared. Read at each launch's pruning, so a process may also set
+# FIXED_CONFIG itself (scripts/gpu_run.py: stage 2 and the models of stage 3 run fixed).
 FIXED_CONFIG = os.environ.get("FASTNETS_AUTOTUNE", "search") == "fixed"
 
 
-def _first_kept(prune):
-    def first(configs, named_args, **kwargs):
+def _pinned(prune):
+    def early_config_prune(configs, named_args, **kwargs):
         kept = prune(configs, named_args, **kwargs) if prune else configs
-        return list(kept)[:1]
-    return first
+        return list(kept)[:1] if FIXED_CONFIG else kept
+    return early_config_prune
 
 
 def autotune(configs: list[triton.Config], key: list[str], **kwargs):
     """triton.autotune with the on-disk cache of timings (AUTOTUNE_CACHE; the interpreter never
-    caches, Triton turns it off there); under FIXED_CONFIG, one config per launch, never timed."""
-    if FIXED_CONFIG:
-        prune = dict(kwargs.pop("prune_configs_by", None) or {})
-        prune["early_config_prune"] = _first_kept(prune.get("early_config_prune"))
-        return triton.autotune(configs=configs, key=key, cache_results=False, prune_configs_by=prune,
-                               do_bench=lambda fn, quantiles=None, **kw: [0.0, 0.0, 0.0], **kwargs)
-    return triton.autotune(configs=configs, key=key, cache_results=AUTOTUNE_CACHE, **kwargs)
+    caches, Triton turns it off there), and one config per launch under FIXED_CONFIG."""
+    prune = dict(kwargs.pop("prune_configs_by", None) or {})
+    prune["early_config_prune"] = _pinned(prune.get("early_config_prune"))
+    return triton.autotune(configs=configs, key=key, cache_results=AUTOTUNE_CACHE, prune_configs_by=prune, **kwargs)
 
 
 def tl_dtype(dtype: torch.dtype):
