@@ -163,6 +163,8 @@ class Driver:
         print(f"[gpu_run {self.now():6.1f}s] {text}", flush=True)
 
     def on_signal(self, signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second signal does not restart this
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.killed = signal.Signals(signum).name
         self.log(f"{self.killed}: stopping the current stage and writing the summary")
         self.stop_child()
@@ -174,7 +176,7 @@ class Driver:
             elif s["status"] == "pending":
                 s["status"] = "not started"
                 s["note"] = f"the run was killed ({self.killed}) before this stage"
-        self.write()
+        self._write()
         os._exit(128 + signum)
 
     def stop_child(self) -> None:
@@ -237,7 +239,7 @@ class Driver:
                         break
                     time.sleep(0.5)
                     self.collect(s)
-                    self.write(quiet=True)
+                    self.write()
             rc = self.child.returncode
             self.child = None
             s["elapsed_s"] = round(self.now() - start, 1)
@@ -262,6 +264,14 @@ class Driver:
     # --- the two files the driver owns ------------------------------------------------------
 
     def write(self, quiet: bool = False) -> None:
+        # A signal waits until both files are whole (the handler writes them again, then exits).
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            self._write()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _write(self) -> None:
         results = {}
         bench = os.path.join(self.work, "bench.json")
         if os.path.exists(bench):
