@@ -44,9 +44,10 @@ taken as 1.5x faster):
 
 Drop order under a shorter --budget (each stage keeps its share, so the cuts fall inside stages,
 from the end of each stage's priority list): stage 4's sanitizer, then its least valuable test
-files; stage 3's ResNet-50 training step, inference, memory-bound ops, attention backward, then
-the batch-256 conv shapes; stage 2's real shapes (CUDA C++ first), keeping the small odd shapes;
-stage 1 never drops the build, and compiles only what the kept items launch.
+files (TEST_ORDER); stage 3's ResNet-50 (inference and the training step), the memory-bound ops,
+attention backward, attention forward, then the batch-256 conv shapes; stage 2's real shapes
+(CUDA C++ first, then Triton), keeping the small odd shapes; stage 1 never drops the build, and a
+precompile cut short leaves the rest to Triton's JIT in the stage that launches it.
 
 Files under --out (at most 8, none in folders): FILES below. `--rehearse` runs the same stages on
 the CPU (Triton interpreter, tiny shapes; the GPU-only steps recorded as skipped with the reason).
