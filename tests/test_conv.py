@@ -211,6 +211,65 @@ def test_parity_layouts(backend, case, mode, layout):
         _check(case, torch.float16, layout, mode, backend)
 
 
+# Channel counts that are multiples of 8 but not of 16: Triton's JIT proves 16-byte alignment only
+# for multiples of 16, so the launchers pass VEC (and OUT_VEC) and the kernels realign their strides
+# (issue 12: both GEMM operands by 128-bit async copies). 40 channels per tap: the tap-by-tap path.
+VEC_CASES = [Case("vec3x3_res", 1, 40, (5, 6), 24, 3, padding=1, residual=True),
+             Case("vec_dw3x3_res", 1, 24, (5, 6), 24, 3, padding=1, groups=24, residual=True, act="silu")]
+
+
+def _spy_vec(monkeypatch, depthwise):
+    """Records the (VEC, OUT_VEC) the launcher computes."""
+    from fastnets.kernels import conv as KC
+    from fastnets.kernels import conv_depthwise as KD
+
+    seen = {"VEC": [], "OUT_VEC": []}
+    mod = KD if depthwise else KC
+
+    def spy(name, fn):
+        def wrapped(*a, **k):
+            v = fn(*a, **k)
+            seen[name].append(v)
+            return v
+        return wrapped
+
+    monkeypatch.setattr(mod, "_vec", spy("VEC", mod._vec))
+    monkeypatch.setattr(mod, "out_vec", spy("OUT_VEC", mod.out_vec))
+    return seen
+
+
+def _misaligned(t):
+    """t's values in an NHWC view whose data starts one element past a 16-byte boundary."""
+    n, c, h, w = t.shape
+    buf = torch.empty(n * h * w * c + 1, dtype=t.dtype, device=t.device)
+    view = buf[1:].view(n, h, w, c).permute(0, 3, 1, 2)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("case", VEC_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_vector_aligned_and_misaligned_paths(backend, case, dtype, monkeypatch):
+    seen = _spy_vec(monkeypatch, case.depthwise)
+    want = 16 // torch.tensor([], dtype=dtype).element_size()
+    _check(case, dtype, "channels_last", "eval", backend)  # parity on the aligned (VEC) path
+    assert set(seen["VEC"]) == {want} and set(seen["OUT_VEC"]) == {want}, seen
+    # An OIHW weight with NHWC input: the launcher reads an OHWI copy, still the vector path.
+    x, w, _, bn, res, _ = _inputs(case, dtype, "channels_last", "eval")
+    kw = dict(padding=case.padding, groups=case.groups, activation=case.act)
+    with torch.no_grad(), ran_on(backend):
+        seen["VEC"].clear()
+        ref = conv_bn_act(x, w.contiguous(), None, **bn, residual=res, **kw)
+        assert seen["VEC"] == [want], seen
+        # The same values in views that start 2 bytes past alignment: the unaligned path, same result.
+        seen["VEC"].clear()
+        seen["OUT_VEC"].clear()
+        out = conv_bn_act(_misaligned(x), w, None, **bn, residual=_misaligned(res), **kw)
+    assert seen["VEC"] == [1] and seen["OUT_VEC"] == [1], seen
+    assert torch.equal(out, ref)
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
 def test_eval_input_and_residual_grads_through_the_fold(backend, dtype):
@@ -792,3 +851,26 @@ def test_cuda_misaligned_input_takes_the_gather_path_gpu(dtype):
         ref = F.relu(F.conv2d(upcast(x), upcast(w), upcast(b), case.stride, case.padding) + upcast(res))
         stock = F.relu(F.conv2d(x, w, b, case.stride, case.padding) + res)
     assert_parity(out, ref, stock)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("act,residual", [("relu", False), ("relu6", False), ("relu", True), (None, True)])
+def test_reference_onednn_post_ops_equal_stock(layout, act, residual):
+    """The CPU reference path runs act(conv + bias + residual) as one oneDNN call when the output is
+    large enough (relu and relu6 as post-ops, the residual as a sum): bit for bit what F.conv2d,
+    the add and the activation give, NaN included."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 5, 67, 61).contiguous(memory_format=fmt)
+    x[0, 1, 3, 4] = float("nan")
+    w = torch.randn(9, 5, 3, 3).contiguous(memory_format=fmt)
+    b = torch.randn(9)
+    r = torch.randn(2, 9, 67, 61).contiguous(memory_format=fmt) if residual else None
+    code = A.code(act)
+    assert conv_ops._onednn_conv_act(x, w, b, r, [1, 1], [1, 1], [1, 1], 1, code, fmt == torch.channels_last) \
+        is not None  # the shape is large enough: this test covers the oneDNN path
+    z = F.conv2d(x, w, b, 1, 1)
+    expected = A.apply(z if r is None else z + r, code)
+    with torch.no_grad(), ran_on("torch", "conv_bn_act"):
+        out = conv_bn_act(x, w, b, padding=1, activation=act, residual=r)
+    assert out.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)

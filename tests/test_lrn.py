@@ -119,6 +119,46 @@ def test_expanded_grad_and_input(backend):
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
 
 
+def _misaligned(t):
+    """t's values in a view of the same strides whose data starts one element past 16 bytes."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    view = buf[1:].as_strided(t.shape, t.stride())
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_vector_paths_agree(backend, layout, monkeypatch):
+    # Issue 12: channels_last reads the window from registers (WHOLE_C), NCHW from whole aligned rows;
+    # VEC when the runs are 16-byte aligned (C or H*W a multiple of 8, not of 16: beyond the JIT's
+    # own proof). The old shifted-load path (channels_last, more channels than one tile holds) and
+    # misaligned views must give the very same values.
+    from fastnets.kernels import lrn as K
+
+    seen = []
+    real_vec, real_blocks = K._vec, K._blocks
+    monkeypatch.setattr(K, "_vec", lambda *a: seen.append(real_vec(*a)) or seen[-1])
+    x = parity.rand(2, 24, 3, 8, dtype=torch.float16, layout=layout)  # C = 24, H*W = 24
+    out = check(x, 5, backend)
+    assert seen == [8, 8], seen  # forward, backward
+    g = torch.randn_like(out)
+    with parity.ran_on(backend, "lrn"):
+        xs = x.detach().requires_grad_()
+        ref_dx, = torch.autograd.grad(FF.local_response_norm(xs, 5, **PARAMS), xs, g)
+        seen.clear()
+        xm = _misaligned(x).requires_grad_()
+        out_m = FF.local_response_norm(xm, 5, **PARAMS)
+        dx_m, = torch.autograd.grad(out_m, xm, _misaligned(g))
+        assert seen == [1, 1], seen
+        assert torch.equal(out_m, out) and torch.equal(dx_m, ref_dx)
+        if layout == "channels_last":  # the path for more channels than one tile: shifted loads
+            monkeypatch.setattr(K, "_blocks", lambda C, S, inner: (8, 64, 4, False) if inner else real_blocks(C, S, inner))
+            out_s = FF.local_response_norm(xs, 5, **PARAMS)
+            dx_s, = torch.autograd.grad(out_s, xs, g)
+            assert torch.equal(out_s, out) and torch.equal(dx_s, ref_dx)
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("alpha,beta,k", [
     (0.5, 0.0, 1.0),  # beta = 0: the identity, whatever d is (torch's pow(d, 0) = 1)

@@ -90,3 +90,26 @@ def test_every_autotuned_kernel_caches_its_timings_on_disk(monkeypatch):
     assert out.stdout.strip() == "False"
     assert importlib.import_module("fastnets.kernels._common").AUTOTUNE_CACHE == (
         os.environ.get("FASTNETS_AUTOTUNE_CACHE", "1") != "0")
+
+
+# Issue 12, item 5: candidates that spill (measured from SASS, kernels/conv.py _SPILLS) never reach
+# the autotuner on the architecture where they spill.
+@pytest.mark.parametrize("arch", [8, 9])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_conv_prune_drops_the_spilling_candidates(monkeypatch, arch, dtype):
+    monkeypatch.setattr(KC, "ARCH_MAJOR", arch)
+    candidates = KC._BOTH + (KC._SM90 if arch == 9 else ())
+    configs = _gemm(candidates)
+    x = torch.empty(1, dtype=dtype)
+    for flat in (True, False):
+        spills = KC._SPILLS.get(arch, {}).get(flat, set())
+        assert spills <= set(KC._BOTH + KC._SM90), "a stale entry: not a candidate"
+        kept = _tiles(KC.prune_gemm_configs(configs, {"x_ptr": x, "FLAT_K": flat}))
+        big = set(KC._SM90) if dtype == torch.float32 else set()
+        assert kept == [t for t in candidates if t not in spills and t not in big]
+        assert kept, "every candidate pruned"
+        # As the autotuner calls it: the constexprs among the keyword arguments.
+        assert _tiles(KC.prune_gemm_configs(configs, {"x_ptr": x}, FLAT_K=flat)) == kept
+    # The stem's flattened reduction spills in the largest tiles on sm_90.
+    if arch == 9:
+        assert (128, 128, 32, 4, 4) in KC._SPILLS[9][True]

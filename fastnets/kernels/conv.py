@@ -45,16 +45,49 @@ _BOTH = ((128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (128, 
 _SM90 = ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4))
 
 
+# Candidates that spill registers to local memory (cuobjdump -res-usage: STACK > 0, LDL/STL in the
+# SASS), per architecture and reduction path, from compiles specialized as the JIT does at run time
+# (Triton 3.9, fp16, ResNet-50 stem 7x7/2 over 3 channels for FLAT_K, 3x3 over 64 and 40 channels
+# for the tap path; issue 12). The flattened reduction's per-element (kh, kw, ci) index arithmetic
+# over a [BLOCK_M, BLOCK_K] tile is what overflows 255 registers in the large tiles. Spilling
+# candidates are pruned before the autotuner compiles and times them: a short GPU window spends its
+# minutes on real candidates. Every remaining candidate fits one CTA per SM (<= 255 registers x 256
+# threads, shared memory within the architecture's limit: the fp32 rule below).
+_SPILLS = {
+    8: {True: {(128, 128, 32, 4, 4)}, False: set()},
+    9: {True: {(128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 256, 64, 8, 3),
+               (256, 128, 64, 8, 3), (128, 128, 64, 8, 4)},
+        False: set()},
+}
+
+
+def _arch_major() -> int:
+    if _common.INTERPRET or not torch.cuda.is_available():
+        return 0
+    return torch.cuda.get_device_capability()[0]
+
+
+ARCH_MAJOR = _arch_major()  # read at import, as the candidate list is (_sm90)
+
+
 def prune_gemm_configs(configs, named_args, **kwargs):
-    """Autotuner early prune: the sm_90-only tiles are for 16-bit operands. In fp32 their pipelined
-    tiles need 262-295 KB of shared memory against sm_90's 227 KB (the compile reports in
-    benchmarks/results/aot-compile-2026-11-23): the autotuner would compile each only to skip it."""
-    x = named_args.get("x_ptr", kwargs.get("x_ptr"))
-    if len(configs) <= 1 or getattr(x, "dtype", None) != torch.float32:
+    """Autotuner early prune. (1) Candidates that spill on this architecture (_SPILLS, by FLAT_K).
+    (2) The sm_90-only tiles are for 16-bit operands: in fp32 their pipelined tiles need 262-295 KB of
+    shared memory against sm_90's 227 KB (the compile reports in benchmarks/results/aot-compile-2026-11-23):
+    the autotuner would compile each only to skip it. Never returns an empty list."""
+    if len(configs) <= 1:
         return configs
-    big = {(bm, bn, bk, w, s) for bm, bn, bk, w, s in _SM90}
-    kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                                   c.num_stages) not in big]
+
+    def get(name):
+        return named_args.get(name, kwargs.get(name))
+
+    def tile(c):
+        return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+
+    drop = set(_SPILLS.get(ARCH_MAJOR, {}).get(bool(get("FLAT_K")), ()))
+    if getattr(get("x_ptr"), "dtype", None) == torch.float32:
+        drop |= set(_SM90)
+    kept = [c for c in configs if tile(c) not in drop]
     return kept or configs
 
 
@@ -71,12 +104,21 @@ def _gemm_configs(block_m: int | None = None):
 def conv_epilogue(acc, rows_ok, tile, M, cols, cols_ok, n_img, oh, ow, C_out, b_ptr, r_ptr, y_ptr, z_ptr,
                   pmean_ptr, pm2_ptr, srn, src, srh, srw, syn, syc, syh, syw, BLOCK_ROWS: tl.constexpr,
                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr, STATS: tl.constexpr,
-                  ACT: tl.constexpr):
+                  ACT: tl.constexpr, OUT_VEC: tl.constexpr):
     """The fused epilogue of both convolution kernels (this file's implicit GEMM and
     conv_depthwise.py's direct kernel), every output element written once. acc: the [rows, cols]
     float32 tile of row tile `tile`; rows are output pixels (n_img, oh, ow), cols output channels.
     Adds the bias; with STATS, stores this tile's per-channel mean and M2 over its valid rows (merged
-    later by Chan's formula); adds the residual; stores the pre-activation (SAVE_Z) and act(.)."""
+    later by Chan's formula); adds the residual; stores the pre-activation (SAVE_Z) and act(.).
+    OUT_VEC: y's, z's and the residual's channel runs are OUT_VEC-element aligned (src == syc == 1,
+    C_out and their other strides multiples of OUT_VEC; the caller aligns cols_ok's bound), else 1."""
+    C_out = _common.aligned(C_out, OUT_VEC)
+    srn = _common.aligned(srn, OUT_VEC)
+    srh = _common.aligned(srh, OUT_VEC)
+    srw = _common.aligned(srw, OUT_VEC)
+    syn = _common.aligned(syn, OUT_VEC)
+    syh = _common.aligned(syh, OUT_VEC)
+    syw = _common.aligned(syw, OUT_VEC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cols_ok, other=0.0).to(tl.float32)[None, :]
     ok = rows_ok[:, None] & cols_ok[None, :]
@@ -117,11 +159,26 @@ def _conv_gemm(
     COUT_G,      # output channels per group (the GEMM columns of one group)
     KH: tl.constexpr, KW: tl.constexpr,
     FLAT_K: tl.constexpr,    # reduce over the flattened (kh, kw, ci) instead of tap by tap
+    VEC: tl.constexpr,       # the channel runs are VEC-element (16-byte) aligned: sxc == swi == 1 and CIN_G and
+                             # the other x and w strides are multiples of VEC (else 1); see _vec()
+    OUT_VEC: tl.constexpr,   # the same for the outputs and the residual (conv_epilogue), COUT_G included
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr, STATS: tl.constexpr,
     ACT: tl.constexpr,       # activation code (ops/_activation.py)
     DOT_PREC: tl.constexpr,  # tl.dot input_precision for fp32 operands ("ieee" or "tf32")
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    if VEC > 1:
+        # What the JIT's divisibility-16 specialization proves only when C is a multiple of 16: each
+        # pixel's channel run starts 16 bytes aligned and the channel mask flips on whole vectors, so
+        # both operands load as 128-bit async copies (LDGSTS.128 / cp.async) when C is a multiple of 8.
+        CIN_G = _common.aligned(CIN_G, VEC)
+        sxn = _common.aligned(sxn, VEC)
+        sxh = _common.aligned(sxh, VEC)
+        sxw = _common.aligned(sxw, VEC)
+        swo = _common.aligned(swo, VEC)
+        swh = _common.aligned(swh, VEC)
+        sww = _common.aligned(sww, VEC)
+    COUT_G = _common.aligned(COUT_G, OUT_VEC)
     # Tile order: GROUP_M row tiles share their column tiles in L2 before moving on.
     pid = tl.program_id(0)
     g = tl.program_id(1)  # the group
@@ -188,12 +245,13 @@ def _conv_gemm(
             acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
 
     conv_epilogue(acc, m_ok, pid_m, M, co_g, co_ok, n_img, oh, ow, C_out, b_ptr, r_ptr, y_ptr, z_ptr, pmean_ptr,
-                  pm2_ptr, srn, src, srh, srw, syn, syc, syh, syw, BLOCK_M, HAS_BIAS, HAS_RES, SAVE_Z, STATS, ACT)
+                  pm2_ptr, srn, src, srh, srw, syn, syc, syh, syw, BLOCK_M, HAS_BIAS, HAS_RES, SAVE_Z, STATS, ACT,
+                  OUT_VEC)
 
 
 # M (batch x output pixels) is in the key: batch 1 and batch 256 of one layer want different tiles.
 _KEY = ["M", "C_out", "CIN_G", "COUT_G", "H", "W", "OH", "OW", "stride_h", "stride_w", "KH", "KW", "FLAT_K",
-        "HAS_RES", "STATS", "sxc"]
+        "HAS_RES", "STATS", "sxc", "VEC", "OUT_VEC"]
 _PRUNE = {"early_config_prune": prune_gemm_configs}
 _conv_gemm_tuned = _common.autotune(_gemm_configs(), key=_KEY, prune_configs_by=_PRUNE)(_conv_gemm)
 # Training launches: the row tile is fixed (STATS_BLOCK_M), see above.
@@ -259,11 +317,50 @@ def _flat_k(cin_g: int, kh: int, kw: int) -> bool:
     return cin_g < 32 and kh * kw > 1
 
 
+def _weight_for(x, w):
+    """The weight as the kernel reads it. With channels-contiguous input (the NHWC fast path) the
+    weight's input channels must be contiguous too (OHWI, channels_last), or its tile loads as
+    scalar 16-bit loads that the pipeliner cannot turn into async copies: an OIHW weight is copied
+    (C_out * C_in/groups * KH * KW elements, as cuDNN converts it to the input's format)."""
+    if x.stride(1) == 1 and w.stride(1) != 1 and w.shape[1] > 1:
+        w = w.contiguous(memory_format=torch.channels_last)
+    return w
+
+
+def _weight_strides(w):
+    """w's strides, 0 for an extent-1 kh or kw (torch gives those any stride, often 1, which would
+    cost the tap offset its alignment: kh * swh with swh == 1 is an arbitrary integer)."""
+    swo, swi, swh, sww = w.stride()
+    return swo, swi, (0 if w.shape[2] == 1 else swh), (0 if w.shape[3] == 1 else sww)
+
+
+def _vec(x, w, w_strides, cin_g: int) -> int:
+    """VEC for _conv_gemm: 16 bytes of elements when every channel run of x and w starts 16-byte
+    aligned (channels contiguous in both, C_in/groups and every other stride a multiple of the
+    vector, both base pointers 16-byte aligned), else 1."""
+    sxn, sxc, sxh, sxw = x.stride()
+    swo, swi, swh, sww = w_strides
+    if sxc != 1 or swi != 1:
+        return 1
+    return _common.vec_elems(x.element_size(), (cin_g, sxn, sxh, sxw, swo, swh, sww), (x, w))
+
+
+def out_vec(y, res, z, cout_g: int) -> int:
+    """OUT_VEC for conv_epilogue: as _vec, for y (and z, which has y's strides) and the residual."""
+    ts = [t for t in (y, res, z) if t is not None]
+    if any(t.stride(1) != 1 for t in ts):
+        return 1
+    ints = [cout_g, y.shape[1]] + [s for t in ts for i, s in enumerate(t.stride()) if i != 1]
+    return _common.vec_elems(y.element_size(), ints, ts)
+
+
 def conv_gemm(x, w, b, res, y, z, pmean, pm2, stride, padding, dilation, groups, act):
     """y = act(conv(x, w) + b + res) (z = the pre-activation when given), or, with pmean/pm2
     given, y = conv(x, w) + b and its per-tile statistics (act must be 0 and res None)."""
     N, C_in, H, W = x.shape
+    w = _weight_for(x, w)
     C_out, cin_g, KH, KW = w.shape
+    ws = _weight_strides(w)
     OH, OW = y.shape[2], y.shape[3]
     M = N * OH * OW
     stats = pmean is not None
@@ -277,9 +374,10 @@ def conv_gemm(x, w, b, res, y, z, pmean, pm2, stride, padding, dilation, groups,
     torch.library.wrap_triton(kernel)[grid](
         x, w, b if b is not None else y, res if res is not None else y, y, z if z is not None else y,
         pmean if stats else y, pm2 if stats else y,
-        H, W, OH, OW, C_out, *x.stride(), *w.stride(), *rs, *y.stride(),
+        H, W, OH, OW, C_out, *x.stride(), *ws, *rs, *y.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], M, cin_g, cout_g,
-        KH=KH, KW=KW, FLAT_K=_flat_k(cin_g, KH, KW), HAS_BIAS=b is not None, HAS_RES=res is not None,
+        KH=KH, KW=KW, FLAT_K=_flat_k(cin_g, KH, KW), VEC=_vec(x, w, ws, cin_g),
+        OUT_VEC=out_vec(y, res, z, cout_g), HAS_BIAS=b is not None, HAS_RES=res is not None,
         SAVE_Z=z is not None, STATS=stats, ACT=act, DOT_PREC=_common.dot_precision(x.dtype, conv=True),
     )
 

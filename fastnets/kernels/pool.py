@@ -36,6 +36,14 @@ Byte floors (e = bytes per element; X = N*C*H*W input elements, Y = N*C*OH*OW ou
   global pool (1x1 output):  X*e read + N*C*e written (+ N*C*8 with indices)
 Overlapping windows (3x3 stride 2) re-read neighbours, which the caches serve: DRAM traffic stays at
 the floor when a tile's rows fit in L1/L2.
+
+Vector widths (issue 12, SASS for sm_80/sm_90 as the JIT specializes). Channels_last, the fast path:
+a window element is BLOCK_C contiguous channels, loaded and stored by 128-bit instructions when C is
+a multiple of 16 (fp16) or the JIT can prove the alignment otherwise. Planar (NCHW) stays scalar,
+and is not the fast path: a strided window (3x3 stride 2: the stem, AlexNet) reads every other
+element of a row, so no two lanes' elements are adjacent; a stride-1 window's taps are the row
+shifted by one element, 2 bytes off any vector boundary; and an odd plane (55x55) starts every
+row off alignment. Vectorizing it would need the rows staged through shared memory.
 """
 from __future__ import annotations
 
