@@ -12,24 +12,39 @@ selectable on CPU tensors, and replaces torch.library.wrap_triton with a recorde
 launcher's `wrap_triton(kernel)[grid](*args, **kwargs)` records the launch instead of running it.
 Then it calls the public ops (forward and backward) on a table of cases: every dtype, activation,
 optional tensor, layout, mask kind, head dim, training mode and int64 path that selects different
-code, at realistic sizes (the kernels never run, so sizes cost nothing but allocation). Each
-recorded launch gives the kernel, its argument types as Triton's JIT would specialize them (an
-integer equal to 1 becomes a constant, as at run time) and its constexprs. The launch's own
-constexprs plus each autotune config (after the kernel's own pruning, as the autotuner would prune
-it) give the compile jobs. The grid each config implies is checked against CUDA's limits (x < 2^31,
-y and z < 65536).
+code, at realistic sizes (the kernels never run, so sizes cost nothing but allocation); with
+--models, also the forward of ResNet-50, VGG-16, EfficientNet-B0 and ViT-B/16 at batch 32 and 256
+(scripts/model_shapes.py), so the launch values are those of the model family's real layers.
+
+How a launch is specialized: exactly as Triton's JIT does it at run time, by Triton's own code. A
+fake driver answers the JIT's questions (device, stream, target = GPUTarget("cuda", arch, 32)) and
+triton.compile is replaced by a recorder; then, for each autotune config the Autotuner would time
+(its own prune_configs: the kernel's early_config_prune), JITFunction.run(*args, warmup=True,
+**kwargs, **config.all_kwargs()) runs on the real launch values. What the JIT hands to
+triton.compile is the job: its ASTSource (signature; constants, including integers equal to 1;
+attributes, tt.divisibility=16 on the pointers whose data_ptr is 16-byte aligned and the integers
+divisible by 16, unless the kernel opts out) and its parsed options. The worker then calls the
+real triton.compile on exactly that. `--specializations aot|runtime` prints these specializations
+as this tool makes them, or as Triton's real launch path (wrap_triton, Autotuner, JIT, compile
+intercepted) makes them, and tests/test_sass_audit.py checks that the two agree. The grid each
+config implies is checked against CUDA's limits (x < 2^31, y and z < 65536).
 
 Coverage: the first variant of each (kernel, input dtype) is compiled with every autotune
 config; the other flag variants (activation, residual, mask, ...) with the first config of their
-pruned list, unless --full (the whole product). Reported per compile: registers, local memory (the
-spill and stack bytes per thread, cuobjdump -res-usage), shared memory; a non-autotuned kernel that
-needs more shared memory than the architecture has is an error, an autotune config that does is a
+pruned list, unless --full (the whole product). --audit is the set scripts/sass_audit.py reads
+(the synthetic cases in fp16, the model layers, the anchors of scripts/audit_anchors.py; every
+config only for the first fp16 and fp32 launch of a kernel). Reported per compile: registers,
+local memory (the spill and stack bytes per thread, cuobjdump -res-usage), shared memory, the
+arguments with tt.divisibility=16; --cubins keeps each cubin. A non-autotuned kernel that needs
+more shared memory than the architecture has is an error, an autotune config that does is a
 warning (the autotuner skips it at run time). What this proves: the kernels compile to sm_80/sm_90
-cubins under the installed Triton. What it does not: that they run, or run correctly.
+cubins under the installed Triton, as the JIT would compile them. What it does not: that they run,
+or run correctly.
 
 Usage:
-    python scripts/aot_compile_all.py [--archs 80,90] [--jobs 2] [--full] [--quick] [--only NAME]
-                                      [--json out.json]
+    python scripts/aot_compile_all.py [--archs 80,90] [--jobs 2] [--full] [--quick] [--only NAME[,NAME]]
+                                      [--json out.json] [--cubins DIR] [--models resnet50,...] [--audit]
+                                      [--root TREE] [--specializations aot|runtime]
     AOT_LIST=1 python scripts/aot_compile_all.py   # the number of compile jobs per kernel, no compiling
 Exit status: 0 when every job compiled and every grid is within limits, 1 otherwise.
 """
@@ -488,6 +503,8 @@ def _jobs(launches, full: bool, all_config_dtypes=None):
         all_configs = full or (family not in primary and (all_config_dtypes is None or family[2] in all_config_dtypes))
         primary.add(family)
         bound = dict(zip(jit.arg_names, args), **kwargs)
+        t = next((a for a in args if hasattr(a, "data_ptr") and hasattr(a, "stride")), None)
+        lead = None if t is None else dict(shape=list(t.shape), stride=list(t.stride()), itemsize=t.element_size())
         for i, cfg in enumerate(configs if all_configs else configs[:1]):
             rec = jit_specialize(kernel, grid, args, kwargs, cfg)
             if rec is None:
@@ -499,7 +516,7 @@ def _jobs(launches, full: bool, all_config_dtypes=None):
             jobs.append(dict(src=COMPILED.index(rec), module=jit.__module__, kernel=jit.__name__, dtype=family[2],
                              sig=d["signature"],
                              constexprs=d["constants"], div16=d["div16"], options=opts, autotuned=autotuned,
-                             config_index=i, n_configs=len(configs), case=case,
+                             config_index=i, n_configs=len(configs), case=case, lead=lead,
                              grid_error=_grid_ok(grid, {**bound, **cx})))
     return jobs
 
@@ -559,7 +576,7 @@ def _compile_one(args):
 
 
 def capture(arch: int, quick: bool, only: str | None = None, root: str = ROOT, models: str | None = None,
-            batches=(32, 256), anchors: bool = False):
+            batches=(32, 256), anchors: bool = False, model_dtypes=("float16", "bfloat16", "float32")):
     """Records the launches of the cases (and of the model family's layers when `models` names
     some), in this process. Returns (launches, capture errors)."""
     launches = _patch_environment(arch, root)
@@ -572,7 +589,7 @@ def capture(arch: int, quick: bool, only: str | None = None, root: str = ROOT, m
     if models:
         import model_shapes  # scripts/model_shapes.py: the model family's layers at real batch sizes
 
-        cases += model_shapes.cases(models.split(","), batches, quick)
+        cases += model_shapes.cases(models.split(","), batches, model_dtypes)
     if anchors:  # scripts/audit_anchors.py: reference GEMM and attention kernels, through the same path
         import audit_anchors
 
@@ -596,10 +613,12 @@ def capture(arch: int, quick: bool, only: str | None = None, root: str = ROOT, m
 
 def worker(arch: int, quick: bool, full: bool, jobs_n: int, json_path: str | None, only: str | None = None,
            root: str = ROOT, cubin_dir: str | None = None, models: str | None = None, batches=(32, 256),
-           audit: bool = False, kernels: str | None = None, quick_audit: bool = False) -> int:
+           audit: bool = False, kernels: str | None = None, quick_audit: bool = False,
+           model_dtypes=("float16", "bfloat16", "float32")) -> int:
     t0 = time.time()
     audit = audit or quick_audit
-    launches, capture_errors = capture(arch, quick or audit, only, root, models, batches, anchors=audit)
+    launches, capture_errors = capture(arch, quick or audit, only, root, models, batches, anchors=audit,
+                                       model_dtypes=model_dtypes)
     if kernels:  # only these kernels (function names)
         launches = [l for l in launches if _unwrap(l[0]).__name__ in kernels.split(",")]
     jobs = _jobs(launches, full, () if quick_audit else ("float16", "float32") if audit else None)
@@ -641,10 +660,11 @@ def worker(arch: int, quick: bool, full: bool, jobs_n: int, json_path: str | Non
             results.append(_report(job, _compile(job, arch, cubin_dir), arch))
     failed = [r for r in results if r["status"] == "FAIL"]
     warned = [r for r in results if r["status"] == "WARN"]
-    spills = [r for r in results if r.get("LOCAL", 0) > 0]
+    spills = [r for r in results if r.get("LOCAL", 0) > 0 or r.get("STACK", 0) > 0]  # spills land in the stack frame
     regs = max((r.get("REG", 0) for r in results), default=0)
     print(f"SUMMARY sm_{arch}: {len(results)} compiled, {len(failed)} failed, {len(warned)} warnings, "
-          f"{len(capture_errors)} capture errors, {len(spills)} with local memory (spills), max {regs} registers, "
+          f"{len(capture_errors)} capture errors, {len(spills)} with local memory (stack frame: spills), max {regs} "
+          f"registers, "
           f"{sum(r['seconds'] for r in results):.0f}s compiling", flush=True)
     if json_path:
         import triton
@@ -673,7 +693,8 @@ def _report(job, res, arch):
     if job["grid_error"]:
         status = "FAIL"
         notes.append(job["grid_error"])
-    info = (f"REG={res.get('REG', '?')} LOCAL={res.get('LOCAL', '?')} SHARED={res.get('dyn_shared', '?')}"
+    info = (f"REG={res.get('REG', '?')} STACK={res.get('STACK', '?')} LOCAL={res.get('LOCAL', '?')} "
+            f"SHARED={res.get('dyn_shared', '?')}"
             if res["ok"] else "")
     print(f"{status:4} sm_{arch} {res['seconds']:5.1f}s {_describe(job)} div16=[{','.join(job['div16'])}] {info} "
           f"({job['case']}){' -- ' + '; '.join(notes) if notes else ''}", flush=True)
@@ -681,7 +702,8 @@ def _report(job, res, arch):
                 sig=job["sig"],
                 constexprs={k: str(v) for k, v in job["constexprs"].items()}, div16=job["div16"],
                 options=job["options"], autotuned=job["autotuned"], config_index=job["config_index"],
-                n_configs=job["n_configs"], case=job["case"], notes=notes, seconds=round(res["seconds"], 2),
+                n_configs=job["n_configs"], case=job["case"], lead=job.get("lead"), notes=notes,
+                seconds=round(res["seconds"], 2),
                 **{k: v for k, v in res.items() if k in ("REG", "LOCAL", "STACK", "SHARED", "dyn_shared", "cubin",
                                                          "function")})
 
@@ -699,6 +721,8 @@ def main() -> int:
                                        "no synthetic case (with --models: the model layers alone)")
     parser.add_argument("--models", help="also the layers of these models (resnet50,vgg16,efficientnet_b0,vit_b_16)")
     parser.add_argument("--batches", default="32,256", help="batch sizes of the model layers (default 32,256)")
+    parser.add_argument("--model-dtypes", default="float16,bfloat16,float32",
+                        help="dtypes of the model layers (16-bit ones channels_last, float32 NCHW)")
     parser.add_argument("--root", default=ROOT, help="the fastnets tree to compile (default: this checkout)")
     parser.add_argument("--cubins", help="keep each job's cubin in this folder (the SASS audit reads them)")
     parser.add_argument("--audit", action="store_true",
@@ -721,7 +745,7 @@ def main() -> int:
         return 0
     if a.worker:
         return worker(a.worker, a.quick, a.full, a.jobs, a.json, a.only, os.path.abspath(a.root), a.cubins, a.models,
-                      batches, a.audit, a.kernels, a.quick_audit)
+                      batches, a.audit, a.kernels, a.quick_audit, tuple(a.model_dtypes.split(",")))
 
     import triton
 
@@ -731,7 +755,7 @@ def main() -> int:
     status = 0
     for arch in (int(s) for s in a.archs.split(",")):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(arch), "--jobs", str(a.jobs),
-               "--root", os.path.abspath(a.root), "--batches", a.batches]
+               "--root", os.path.abspath(a.root), "--batches", a.batches, "--model-dtypes", a.model_dtypes]
         cmd += ["--quick"] if a.quick else []
         cmd += ["--full"] if a.full else []
         cmd += ["--audit"] if a.audit else []

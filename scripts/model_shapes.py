@@ -59,13 +59,13 @@ def _run(name: str, batch: int, dtype, channels_last: bool):
         model(x)
 
 
-def cases(models, batches, quick: bool = False):
-    """(name, function) pairs for scripts/aot_compile_all.py: each runs one model forward."""
+def cases(models, batches, dtypes=("float16", "bfloat16", "float32")):
+    """(name, function) pairs for scripts/aot_compile_all.py: each runs one model forward; 16-bit
+    dtypes with channels_last activations, float32 in NCHW."""
     import torch
 
     out = []
-    dtypes = [(torch.float16, True)] if quick else [(torch.float16, True), (torch.bfloat16, True),
-                                                    (torch.float32, False)]
+    dtypes = [(getattr(torch, d), d != "float32") for d in dtypes]
     for name in models:
         if name not in MODELS:
             raise ValueError(f"models: unknown model {name!r}; expected some of {', '.join(MODELS)}")

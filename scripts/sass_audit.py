@@ -26,6 +26,7 @@ Usage:
     python scripts/sass_audit.py --quick --out DIR               # the CI subset (tests/test_sass_audit.py)
     python scripts/sass_audit.py --pythons .venv/bin/python,/tmp/tri36/bin/python --root TREE --out DIR
     python scripts/sass_audit.py --compiled WORK --out DIR       # audit the cubins of an earlier compile
+    python scripts/sass_audit.py --compare BEFORE/audit.json AFTER/audit.json   # a markdown comparison
 Exit status: 0 when every audited kernel meets its expectation (or its written exception), 1 otherwise.
 """
 from __future__ import annotations
@@ -54,14 +55,17 @@ GEMM_ASYNC_MIN = 0.8
 BANDWIDTH_MIN = 0.9
 SMEM_PER_CTA = {80: 166912, 90: 232448}  # the most shared memory one CTA may have
 
-# Kernel name (Triton function name, or the CUDA kernel's unqualified name) -> class.
-_GEMM = ("_conv_gemm", "_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq", "anchor_matmul", "anchor_attention",
-         "conv_gemm_kernel", "attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel")
+# Kernel name (Triton function name, or the CUDA kernel's unqualified name) -> class, by substring:
+# GEMM-like main loops (implicit-GEMM conv, attention forward and backward, the matmul anchors),
+# auxiliary kernels (per-channel finalizers, column sums, the dropout-mask generator), and the
+# bandwidth kernels (everything else: pooling, BN-act, LRN, layer-norm, bias-act, statistics,
+# depthwise conv, elementwise backward).
+_GEMM = ("gemm", "matmul", "attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "anchor_attention")
 _AUX = ("finalize", "column_sum", "dropout_mask")
 
 
 def kernel_class(name: str) -> str:
-    if name in _GEMM:
+    if any(g in name for g in _GEMM):
         return "gemm"
     if any(a in name for a in _AUX):
         return "aux"
@@ -70,8 +74,8 @@ def kernel_class(name: str) -> str:
 
 # Per-kernel exceptions: {(backend, kernel): (what is expected instead, the reason)}. backend is
 # "triton" or "cuda". An exception names the relaxed check: "frac64" (the bandwidth share counted
-# with 64-bit instructions), "no-async" (a GEMM without the async-copy share), "none" (only no
-# spills). Written down in CONTRIBUTING.md ("Machine-code expectations") as well.
+# with 64-bit instructions), "no-async" (a GEMM without the async-copy share), "hmma" (mma.sync
+# accepted on sm_90), "none" (only no spills). Written down in CONTRIBUTING.md ("Machine-code expectations") as well.
 EXCEPTIONS: dict[tuple[str, str], tuple[str, str]] = {
 }
 
@@ -167,34 +171,48 @@ def _demangle(names):
 
 def _cuda_short(demangled: str) -> tuple[str, str]:
     """(kernel name, template arguments) of a demangled CUDA kernel."""
-    head = demangled.split("(")[0]
-    m = re.match(r"(?:.*::)?(\w+)(?:<(.*)>)?$", head)
+    s = demangled.replace("(anonymous namespace)::", "")
+    s = s[5:] if s.startswith("void ") else s
+    depth, cut = 0, len(s)
+    for i, ch in enumerate(s):
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "(" and depth == 0:
+            cut = i
+            break
+    m = re.match(r"(?:.*::)?(\w+)(?:<(.*)>)?$", s[:cut])
     if not m:
-        return head, ""
+        return s[:cut], ""
     targs = (m.group(2) or "").replace("__nv_bfloat16", "bf16").replace("__half", "fp16").replace("float", "fp32")
     return m.group(1), targs
 
 
-def read_triton(d: str, arch: int) -> list[dict]:
+def read_triton(d: str, arch: int, jobs: int = 1) -> list[dict]:
     """Audit rows of the Triton jobs of one (Triton version, arch) compile folder."""
     path = os.path.join(d, f"aot.sm{arch}.json")
     if not os.path.exists(path):
         return []
     data = json.load(open(path))
-    rows = []
-    for r in data["results"]:
-        row = dict(backend="triton", triton=data.get("triton"), arch=arch, id=r["id"],
-                   kernel=r["kernel"].rsplit(".", 1)[-1], module=r["kernel"].rsplit(".", 1)[0], dtype=r.get("dtype"),
-                   case=r["case"], div16=r.get("div16", []), constexprs=r.get("constexprs", {}), options=r["options"],
-                   autotuned=r.get("autotuned"), config_index=r.get("config_index", 0),
-                   n_configs=r.get("n_configs", 1), compile_status=r["status"], notes=r.get("notes", []))
-        if r.get("cubin"):
-            a = S.audit_cubin(os.path.join(d, "cubins", r["cubin"]), arch, threads=32 * r["options"]["num_warps"],
-                              dyn_shared=r.get("dyn_shared", 0), keep_sass=True)
-            rep = a.get(r.get("function")) or next(iter(a.values()))
-            row.update(rep)
-        rows.append(row)
-    return rows
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, jobs)) as ex:
+        return list(ex.map(lambda r: _triton_row(d, arch, data, r), data["results"]))
+
+
+def _triton_row(d, arch, data, r) -> dict:
+    """One audited Triton job (its JSON record r) of folder d."""
+    row = dict(backend="triton", triton=data.get("triton"), arch=arch, id=r["id"],
+               kernel=r["kernel"].rsplit(".", 1)[-1], module=r["kernel"].rsplit(".", 1)[0], dtype=r.get("dtype"),
+               case=r["case"], div16=r.get("div16", []), constexprs=r.get("constexprs", {}), options=r["options"],
+               autotuned=r.get("autotuned"), config_index=r.get("config_index", 0),
+               n_configs=r.get("n_configs", 1), compile_status=r["status"], notes=r.get("notes", []))
+    if r.get("cubin"):
+        a = S.audit_cubin(os.path.join(d, "cubins", r["cubin"]), arch, threads=32 * r["options"]["num_warps"],
+                          dyn_shared=r.get("dyn_shared", 0), keep_sass=True)
+        rep = a.get(r.get("function")) or next(iter(a.values()))
+        row.update(rep)
+    row["lead"] = r.get("lead")
+    return row
 
 
 def read_cuda(d: str, arch: int) -> list[dict]:
@@ -212,8 +230,8 @@ def read_cuda(d: str, arch: int) -> list[dict]:
             rep["threads"] = t
             if rep.get("REG") is not None:
                 rep.update(S.occupancy(arch, rep["REG"], rep["shared"], t))
-            dtype = ("bfloat16" if "bf16" in targs else "float16" if "fp16" in targs
-                     else "float32" if targs.startswith("fp32") or ", fp32" in targs or targs == "fp32" else "")
+            first = targs.split(",")[0].strip()
+            dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(first, "")
             rows.append(dict(backend="cuda", arch=arch, id=f"cuda-sm{arch}-{name}<{targs}>",
                              kernel=name, module=os.path.basename(cub)[len(f"sm{arch}-"):-6], targs=targs,
                              dtype=dtype, case="csrc", div16=[], config_index=0, n_configs=1, **rep))
@@ -224,8 +242,23 @@ def read_cuda(d: str, arch: int) -> list[dict]:
 # Expectations
 
 def _fast(row) -> bool:
+    """A fast-path launch: 16-bit dtype, not an NCHW case, and the contiguous axis of the kernel's
+    first tensor a multiple of 16 bytes (8 channels in fp16/bf16)."""
     case = row.get("case", "")
-    return row.get("dtype") in ("float16", "bfloat16") and "nchw" not in case
+    if row.get("dtype") not in ("float16", "bfloat16") or "nchw" in case:
+        return False
+    lead = row.get("lead")
+    if not lead:
+        return True
+    runs = [n for n, st in zip(lead["shape"], lead["stride"]) if st == 1 and n > 1]
+    return all(n * lead["itemsize"] % 16 == 0 for n in runs)
+
+
+def _metric(row):
+    """The number an expectation reads: the async share (gemm) or the 128-bit share (bandwidth)."""
+    cls = kernel_class(row["kernel"])
+    v = row.get("loop_async128_share") if cls == "gemm" else row.get("frac128") if cls == "bandwidth" else 1.0
+    return -1.0 if v is None else v
 
 
 def check(row) -> tuple[bool, list[str], str]:
@@ -233,20 +266,26 @@ def check(row) -> tuple[bool, list[str], str]:
     cls = kernel_class(row["kernel"])
     exc = EXCEPTIONS.get((row["backend"], row["kernel"]))
     relax = exc[0] if exc else ""
+    if row.get("fallback_of"):  # a scalar fallback beside its vector kernel: no spills only
+        cls, relax = f"fallback of {row['fallback_of']}", "none"
     fails = []
     if row.get("REG") is None:
         return False, ["not compiled"], cls
-    if row.get("LOCAL", 0) or row.get("LDL", 0) or row.get("STL", 0):
-        fails.append(f"spills: {row.get('LOCAL', 0)} B local, {row.get('LDL', 0)} LDL / {row.get('STL', 0)} STL")
+    if row.get("LOCAL", 0) or row.get("STACK", 0) or row.get("LDL", 0) or row.get("STL", 0):
+        fails.append(f"spills: {row.get('STACK', 0)} B stack, {row.get('LOCAL', 0)} B local, {row.get('LDL', 0)} LDL / "
+                     f"{row.get('STL', 0)} STL")
     if row.get("ctas") == 0 or row.get("shared", 0) > SMEM_PER_CTA[row["arch"]]:
         fails.append(f"no CTA fits on an SM ({row.get('shared')} B shared, {row.get('REG')} regs)")
     if relax == "none":
         pass
     elif cls == "gemm":
-        tc = row["HGMMA"] if row["arch"] >= 90 else row["HMMA"]
-        if row["arch"] >= 90 and not row["HGMMA"] and row["HMMA"] and row["backend"] == "cuda":
-            tc = 0
-        if not tc:
+        if row["backend"] == "cuda":  # ldmatrix + mma.sync or better (wgmma)
+            if not (row["HGMMA"] or (row["HMMA"] and row["LDSM"])):
+                fails.append("no HGMMA, nor HMMA fed by LDSM")
+        elif relax == "hmma" and row["arch"] >= 90:
+            if not (row["HGMMA"] or row["HMMA"]):
+                fails.append("no HGMMA or HMMA")
+        elif not (row["HGMMA"] if row["arch"] >= 90 else row["HMMA"]):
             fails.append("no " + ("HGMMA" if row["arch"] >= 90 else "HMMA"))
         if relax != "no-async":
             share = row.get("loop_async128_share")
@@ -256,7 +295,7 @@ def check(row) -> tuple[bool, list[str], str]:
         share = row["frac64plus"] if relax == "frac64" else row["frac128"]
         if share is None or share < BANDWIDTH_MIN:
             fails.append(f"{'64/128' if relax == 'frac64' else '128'}-bit share {share} < {BANDWIDTH_MIN}")
-    return not fails, fails, cls + (f" ({relax})" if relax else "")
+    return not fails, fails, cls + (f" ({relax})" if relax and not row.get("fallback_of") else "")
 
 
 def representatives(rows) -> list[dict]:
@@ -270,10 +309,34 @@ def representatives(rows) -> list[dict]:
                r.get("targs") if r["backend"] == "cuda" else "")
         groups.setdefault(key, []).append(r)
     reps = []
+    cuda_groups = {}
+    for key, rs in list(groups.items()):  # CUDA: one row per (kernel, dtype), its best instantiation
+        if key[0] == "cuda":
+            r = rs[0]
+            cuda_groups.setdefault((key[2], key[3], r.get("dtype")), []).extend(rs)
+            del groups[key]
+    cuda_names = {(g[0], g[1]) for g in cuda_groups}
+    for (arch, kernel, dtype), rs in cuda_groups.items():
+        vec = kernel[:-len("_kernel")] + "_vec_kernel" if kernel.endswith("_kernel") else None
+        if vec and (arch, vec) in cuda_names:  # the scalar fallback of a vector kernel: not the fast path
+            for r in rs:
+                r["fallback_of"] = vec
+        if dtype == "float32" and any(g[1] == kernel and g[0] == arch and g[2] in ("float16", "bfloat16")
+                                      for g in cuda_groups):
+            continue  # the 16-bit instantiations are the fast path; fp32 stays in audit.json
+        ok = [r for r in rs if r.get("REG") is not None]
+        best = max(ok, key=lambda r: (check(r)[0], r.get("frac128") or 0, r.get("HGMMA", 0) + r.get("HMMA", 0),
+                                      -(r.get("LOCAL") or 0), "int" in (r.get("targs") or "")))
+        best = dict(best)
+        best["fast_path"] = dtype in ("float16", "bfloat16")
+        best["variants"] = len(rs)
+        best["variants_fast_meeting"] = f"{sum(check(r)[0] for r in ok)}/{len(ok)}"
+        reps.append(best)
     for key, rs in groups.items():
         ok = [r for r in rs if r.get("REG") is not None]
         fast = [r for r in ok if _fast(r) and r.get("config_index", 0) == 0]
-        pick = max(fast, key=lambda r: (r.get("dtype") == "float16", len(r.get("div16", [])))) if fast else \
+        # the worst fast-path specialization: a miss first, then the lowest share
+        pick = min(fast, key=lambda r: (check(r)[0], _metric(r), r.get("dtype") != "float16")) if fast else \
             (ok[0] if ok else rs[0])
         pick = dict(pick)
         pick["fast_path"] = bool(fast)
@@ -316,28 +379,40 @@ def _loop_shares(row):
 # Autotune pruning (issue 12, item 5)
 
 def pruning(rows) -> list[dict]:
-    """Per (Triton, arch, autotuned kernel, dtype): the configs of the first launch (all compiled),
-    those that spill, those no CTA of which fits on an SM, and how many remain."""
-    groups = {}
+    """Per launch compiled with every autotune config (the first fp16 and fp32 launch of each
+    autotuned kernel; the configs are consecutive jobs, config_index 0..n-1): the configs that
+    spill, those no CTA of which fits on an SM, and how many remain."""
+    groups, cur = [], None
     for r in rows:
         if r["backend"] != "triton" or not r.get("autotuned"):
+            cur = None
             continue
-        groups.setdefault((r["triton"], r["arch"], r["kernel"], r["dtype"], r["case"]), []).append(r)
+        if r.get("config_index", 0) == 0:
+            cur = [r]
+            groups.append(cur)
+        elif cur is not None and r.get("config_index") == cur[-1].get("config_index", 0) + 1 and \
+                r["kernel"] == cur[0]["kernel"]:
+            cur.append(r)
     out = []
-    for (tv, arch, k, dt, case), rs in sorted(groups.items()):
+    for rs in groups:
         if len(rs) < 2:
             continue
-        spill, nofit = [], []
-        for r in rs:
-            cfg = ",".join(f"{a}={v}" for a, v in r["constexprs"].items() if a.startswith("BLOCK")) + \
+        varying = sorted(k for k in rs[0]["constexprs"] if len({str(r["constexprs"].get(k)) for r in rs}) > 1)
+
+        def label(r):
+            return ",".join(f"{k}={r['constexprs'][k]}" for k in varying) + \
                 f",w{r['options'].get('num_warps')},s{r['options'].get('num_stages')}"
-            if r.get("LOCAL", 0) or r.get("LDL", 0) or r.get("STL", 0):
-                spill.append(cfg)
-            if r.get("REG") is None or r.get("ctas", 1) == 0 or r.get("shared", 0) > SMEM_PER_CTA[arch]:
-                nofit.append(cfg)
-        out.append(dict(triton=tv, arch=arch, kernel=k, dtype=dt, case=case, configs=len(rs), spill=spill,
-                        nofit=nofit, remain=len(rs) - len(set(spill) | set(nofit))))
-    return out
+        spill = [label(r) + f" ({r.get('LDL', 0)} LDL/{r.get('STL', 0)} STL)" for r in rs
+                 if r.get("LOCAL", 0) or r.get("STACK", 0) or r.get("LDL", 0) or r.get("STL", 0)]
+        nofit = [label(r) + f" ({r.get('shared')} B)" for r in rs
+                 if r.get("REG") is None or r.get("ctas", 1) == 0 or r.get("shared", 0) > SMEM_PER_CTA[r["arch"]]]
+        bad = {label(r) for r in rs if r.get("LOCAL", 0) or r.get("STACK", 0) or r.get("LDL", 0) or r.get("STL", 0) or r.get("REG") is None
+               or r.get("ctas", 1) == 0 or r.get("shared", 0) > SMEM_PER_CTA[r["arch"]]}
+        r0 = rs[0]
+        out.append(dict(triton=r0["triton"], arch=r0["arch"], kernel=r0["kernel"], dtype=r0["dtype"], case=r0["case"],
+                        configs=len(rs), spill=spill, nofit=nofit, remain=len(rs) - len(bad),
+                        kept=[label(r) for r in rs if label(r) not in bad]))
+    return sorted(out, key=lambda p: (p["triton"], p["arch"], p["kernel"], p["dtype"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,9 +424,9 @@ def _w(d):
 
 def table(reps) -> str:
     lines = ["| backend | Triton | arch | kernel | dtype / case | class | tensor cores | LDGSTS (width:n) | TMA | "
-             "LDG (width:n) | LDG in loops | STG | LDSM | 128-bit share | loop async share | regs | spill B | "
-             "shared B | threads | CTAs/SM | warps/SM | meets | why not |",
-             "|" + " --- |" * 23]
+             "LDG (width:n) | LDG in loops | STG | LDSM | 128-bit share | loop async share | regs | stack+local B | "
+             "shared B | threads | CTAs/SM | warps/SM | fast-path meeting | meets | why not |",
+             "|" + " --- |" * 24]
     for r in sorted(reps, key=lambda r: (r["backend"], r.get("triton") or "", r["arch"], kernel_class(r["kernel"]),
                                          r["kernel"], r.get("targs") or "")):
         ok, fails, cls = check(r)
@@ -363,9 +438,10 @@ def table(reps) -> str:
         lines.append("| " + " | ".join(str(x) for x in (
             r["backend"], r.get("triton") or "-", f"sm_{r['arch']}", r.get("kernel_label", r["kernel"]), what, cls, tc, _w(r.get("LDGSTS_w", {})),
             r.get("TMA", 0), _w(r.get("LDG", {})), _w(r.get("loop_LDG", {})), _w(r.get("STG", {})), r.get("LDSM", 0),
-            r.get("frac128"), r.get("loop_async128_share"), r.get("REG"), r.get("LOCAL"), r.get("shared"),
-            f"{r.get('threads')}{'' if r.get('threads_known', True) else '?'}", r.get("ctas"), r.get("warps"),
-            "yes" if ok else "**no**", why.replace("|", "/"))) + " |")
+            r.get("frac128"), r.get("loop_async128_share") if cls.startswith("gemm") else "-", r.get("REG"),
+            (r.get("STACK") or 0) + (r.get("LOCAL") or 0), r.get("shared"), f"{r.get('threads')}{'' if r.get('threads_known', True) else '?'}",
+            r.get("ctas"), r.get("warps"), r.get("variants_fast_meeting"), "yes" if ok else "**no**",
+            why.replace("|", "/"))) + " |")
     return "\n".join(lines)
 
 
@@ -389,9 +465,11 @@ def write(out: str, rows, reps, pr, meta, logs):
           f"Command: `{meta['command']}`", "",
           f"Tree: {meta['tree']} (commit {meta['commit']}); Triton {', '.join(meta['tritons'])}; "
           f"archs {', '.join('sm_' + str(a) for a in meta['archs'])}; cuobjdump {meta['cuobjdump']}.", "",
-          f"{n_ok} of {len(reps)} audited kernels meet their expectation. One row per kernel (per CUDA template "
-          "instantiation): its fast-path specialization where one was launched (16-bit, channels_last or "
-          "contiguous, the most 16-aligned launch, first autotune config). Widths in bits. '128-bit share': "
+          f"{n_ok} of {len(reps)} audited kernels meet their expectation. One row per Triton kernel: its worst "
+          "fast-path specialization (16-bit dtype, channels_last or contiguous, contiguous axis a multiple of 16 "
+          "bytes; first autotune config; 'fast-path meeting' counts all of them); one row per CUDA kernel and "
+          "16-bit dtype: its best template instantiation (the launcher picks the vector path on the fast path). "
+          "Widths in bits. '128-bit share': "
           f"loop-weighted ({S.LOOP_WEIGHT}x per loop level) share of global bytes moved by 128-bit instructions; "
           "'loop async share': share of the bytes loaded inside loops that arrive by LDGSTS.128 or TMA. "
           "CUDA threads marked '?' have no __launch_bounds__ (256 assumed for occupancy).", "",
@@ -408,8 +486,46 @@ def write(out: str, rows, reps, pr, meta, logs):
                     f"{r['id']} ({r.get('case')})\n{r.get('sass', '')}\n")
 
 
+def compare(before: str, after: str) -> str:
+    """A markdown table of two audits (their audit.json): per kernel row, the counts the
+    expectations read, before and after, and whether it meets."""
+    def load(path):
+        reps = json.load(open(path))["representatives"]
+        out = {}
+        for r in reps:
+            key = (r["backend"], r.get("triton") or "-", r["arch"], r.get("kernel_label", r["kernel"]),
+                   r.get("dtype") if r["backend"] == "cuda" else "")
+            out[key] = r
+        return out
+
+    def cell(r):
+        if r is None:
+            return "(absent)"
+        ok, fails, cls = check(r)
+        tc = f"HGMMA {r['HGMMA']}" if r.get("HGMMA") else f"HMMA {r['HMMA']}" if r.get("HMMA") else "no TC"
+        spill = (r.get("STACK") or 0) + (r.get("LOCAL") or 0)
+        main = (f"async {r.get('loop_async128_share')}, {tc}" if cls.startswith("gemm")
+                else f"128-bit {r.get('frac128')}")
+        return f"{'yes' if ok else '**no**'}: {main}, {r.get('REG')} regs{f', {spill} B stack' if spill else ''}"
+
+    b, a = load(before), load(after)
+    lines = ["| backend | Triton | arch | kernel | dtype | class | before | after |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key in sorted(set(b) | set(a), key=lambda k: (k[0], k[1], k[2], kernel_class(k[3].split(" ")[0]), k[3], k[4])):
+        r = a.get(key) or b.get(key)
+        lines.append(f"| {key[0]} | {key[1]} | sm_{key[2]} | {key[3]} | {key[4] or r.get('dtype') or ''} | "
+                     f"{check(r)[2]} | {cell(b.get(key))} | {cell(a.get(key))} |")
+    nb = sum(check(r)[0] for r in b.values() if "kernel_label" not in r)
+    na = sum(check(r)[0] for r in a.values() if "kernel_label" not in r)
+    lines += ["", f"Meeting their expectation: before {nb} of {len(b)}, after {na} of {len(a)}."]
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    if len(sys.argv) == 4 and sys.argv[1] == "--compare":  # --compare BEFORE/audit.json AFTER/audit.json
+        print(compare(sys.argv[2], sys.argv[3]))
+        return 0
     ap.add_argument("--out", required=True, help="output folder (audit.md, audit.json, raw/)")
     ap.add_argument("--archs", default="80,90")
     ap.add_argument("--pythons", default=None, help="comma-separated Python interpreters, one per Triton version "
@@ -445,7 +561,7 @@ def main() -> int:
     rows = []
     for d in folders:
         for arch in archs:
-            rows += read_triton(d, arch)
+            rows += read_triton(d, arch, a.jobs)
     if cuda_dir:
         for arch in archs:
             rows += read_cuda(cuda_dir, arch)
