@@ -349,7 +349,7 @@ class Stage:
             self.save()
             try:
                 got = fn()
-                it.update(status="ok", **(got if isinstance(got, dict) else {"detail": got}))
+                it.update({"status": "ok", **(got if isinstance(got, dict) else {"detail": got})})
             except KeyboardInterrupt:
                 it.update(status="stopped", detail="stopped at the stage's deadline")
                 self.stop = True
