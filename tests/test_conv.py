@@ -852,25 +852,3 @@ def test_cuda_misaligned_input_takes_the_gather_path_gpu(dtype):
         stock = F.relu(F.conv2d(x, w, b, case.stride, case.padding) + res)
     assert_parity(out, ref, stock)
 
-
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("act,residual", [("relu", False), ("relu6", False), ("relu", True), (None, True)])
-def test_reference_onednn_post_ops_equal_stock(layout, act, residual):
-    """The CPU reference path runs act(conv + bias + residual) as one oneDNN call when the output is
-    large enough (relu and relu6 as post-ops, the residual as a sum): bit for bit what F.conv2d,
-    the add and the activation give, NaN included."""
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = torch.randn(2, 5, 67, 61).contiguous(memory_format=fmt)
-    x[0, 1, 3, 4] = float("nan")
-    w = torch.randn(9, 5, 3, 3).contiguous(memory_format=fmt)
-    b = torch.randn(9)
-    r = torch.randn(2, 9, 67, 61).contiguous(memory_format=fmt) if residual else None
-    code = A.code(act)
-    assert conv_ops._onednn_conv_act(x, w, b, r, [1, 1], [1, 1], [1, 1], 1, code, fmt == torch.channels_last) \
-        is not None  # the shape is large enough: this test covers the oneDNN path
-    z = F.conv2d(x, w, b, 1, 1)
-    expected = A.apply(z if r is None else z + r, code)
-    with torch.no_grad(), ran_on("torch", "conv_bn_act"):
-        out = conv_bn_act(x, w, b, padding=1, activation=act, residual=r)
-    assert out.is_contiguous(memory_format=fmt)
-    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
