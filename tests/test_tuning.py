@@ -97,7 +97,7 @@ def test_every_autotuned_kernel_caches_its_timings_on_disk(monkeypatch):
 @pytest.mark.parametrize("arch", [8, 9])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_conv_prune_drops_the_spilling_candidates(monkeypatch, arch, dtype):
-    monkeypatch.setattr(KC, "ARCH_MAJOR", arch)
+    monkeypatch.setattr(KC, "ARCH", (arch, 0))
     candidates = KC._BOTH + (KC._SM90 if arch == 9 else ())
     configs = _gemm(candidates)
     x = torch.empty(1, dtype=dtype)
@@ -106,6 +106,8 @@ def test_conv_prune_drops_the_spilling_candidates(monkeypatch, arch, dtype):
         assert spills <= set(KC._BOTH + KC._SM90), "a stale entry: not a candidate"
         kept = _tiles(KC.prune_gemm_configs(configs, {"x_ptr": x, "FLAT_K": flat}))
         big = set(KC._SM90) if dtype == torch.float32 else set()
+        if arch == 8 and dtype == torch.float32:  # 3 x (128 + 128) x 64 x 4 B = 196608 > 166912
+            big.add((128, 128, 64, 8, 3))
         assert kept == [t for t in candidates if t not in spills and t not in big]
         assert kept, "every candidate pruned"
         # As the autotuner calls it: the constexprs among the keyword arguments.
@@ -113,3 +115,15 @@ def test_conv_prune_drops_the_spilling_candidates(monkeypatch, arch, dtype):
     # The stem's flattened reduction spills in the largest tiles on sm_90.
     if arch == 9:
         assert (128, 128, 32, 4, 4) in KC._SPILLS[9][True]
+
+
+def test_conv_shared_memory_estimate_is_what_the_compiles_report():
+    # sm_90 fp16 compiles (Triton 3.9, issue 12): 128x128x32 x 4 stages 65536 B, 128x256x64 x 3 stages
+    # 147456 B; fp32 128x128x64 x 3 stages 196608 B.
+    assert KC._gemm_shared(128, 128, 32, 4, 2) == 65536
+    assert KC._gemm_shared(128, 256, 64, 3, 2) == 147456
+    assert KC._gemm_shared(128, 128, 64, 3, 4) == 196608
+    # On the CPU (no GPU, or the interpreter) nothing is pruned by architecture.
+    if KC.ARCH == (0, 0):
+        configs = _gemm(KC._BOTH)
+        assert KC.prune_gemm_configs(configs, {"x_ptr": torch.empty(1, dtype=torch.float16), "FLAT_K": True}) == configs

@@ -61,17 +61,27 @@ _SPILLS = {
 }
 
 
-def _arch_major() -> int:
+def _arch() -> tuple[int, int]:
     if _common.INTERPRET or not torch.cuda.is_available():
-        return 0
-    return torch.cuda.get_device_capability()[0]
+        return (0, 0)
+    return tuple(torch.cuda.get_device_capability())
 
 
-ARCH_MAJOR = _arch_major()  # read at import, as the candidate list is (_sm90)
+ARCH = _arch()  # read at import, as the candidate list is (_sm90)
+# The most shared memory one CTA may have (bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin).
+SHARED_LIMIT = {(8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376, (9, 0): 232448}
+
+
+def _gemm_shared(bm, bn, bk, stages, elem):
+    """Shared memory of the tap path's pipelined operand tiles, as the compiles report it (stages x
+    (BLOCK_M + BLOCK_N) x BLOCK_K elements: 65536 B for 128x128x32 x 4 stages in fp16)."""
+    return stages * (bm + bn) * bk * elem
 
 
 def prune_gemm_configs(configs, named_args, **kwargs):
     """Autotuner early prune. (1) Candidates that spill on this architecture (_SPILLS, by FLAT_K).
+    (3) Candidates whose operand tiles need more shared memory than this GPU gives one CTA (fp32
+    128x128x64 x 3 stages: 196608 B, over sm_80's 166912).
     (2) The sm_90-only tiles are for 16-bit operands: in fp32 their pipelined tiles need 262-295 KB of
     shared memory against sm_90's 227 KB (the compile reports in benchmarks/results/aot-compile-2026-11-23):
     the autotuner would compile each only to skip it. Never returns an empty list."""
@@ -84,9 +94,13 @@ def prune_gemm_configs(configs, named_args, **kwargs):
     def tile(c):
         return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
 
-    drop = set(_SPILLS.get(ARCH_MAJOR, {}).get(bool(get("FLAT_K")), ()))
-    if getattr(get("x_ptr"), "dtype", None) == torch.float32:
+    drop = set(_SPILLS.get(ARCH[0], {}).get(bool(get("FLAT_K")), ()))
+    x = get("x_ptr")
+    if getattr(x, "dtype", None) == torch.float32:
         drop |= set(_SM90)
+    limit = SHARED_LIMIT.get(ARCH)
+    if limit and x is not None:  # (3) tiles whose pipelined operands cannot fit in one CTA's shared memory
+        drop |= {t for t in map(tile, configs) if _gemm_shared(t[0], t[1], t[2], t[4], x.element_size()) > limit}
     kept = [c for c in configs if tile(c) not in drop]
     return kept or configs
 
