@@ -129,8 +129,10 @@ def _as_f32(x: float) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# The torch reference (stock ops): the CPU path and the tests' oracle. Computes in float32 for
-# half inputs (as torch's math backend), in float64 for float64.
+# The torch reference (stock ops): the CPU path and the tests' oracle. Without dropout, on the CPU,
+# it is torch's own fused CPU attention (what F.scaled_dot_product_attention runs there: never
+# slower than stock); otherwise the math below, in float32 for half inputs (as torch's math
+# backend), in float64 for float64.
 
 def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -173,8 +175,43 @@ def _out_like(q: torch.Tensor, ev: int, dtype=None) -> torch.Tensor:
     return _dispatch.empty(B, L, H, ev, dtype=dtype or q.dtype, device=q.device).transpose(1, 2)
 
 
+def _stock_mask(mask, q):
+    """The mask as torch's CPU flash attention takes it (None, or additive in the query's dtype with
+    its broadcast dimensions kept at size 1), or False when it cannot take it."""
+    if mask is None:
+        return None
+    compact = mask.as_strided([n if st else 1 for n, st in zip(mask.shape, mask.stride())], mask.stride())
+    if mask.dtype == torch.bool:
+        return torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~compact, float("-inf")) \
+            if compact.numel() else compact.to(q.dtype)
+    return compact if mask.dtype == q.dtype else False
+
+
+def _stock_sdpa(q, k, v, mask, rng):
+    """The mask to give torch's own fused CPU attention (aten::_scaled_dot_product_flash_attention_for_cpu,
+    what F.scaled_dot_product_attention runs on a CPU), or False where the reference must compute it
+    itself: dropout (the reference's own generator mask), head dims that differ, grouped heads,
+    a float mask in another dtype than the query's, a last dimension that is not dense (torch's
+    kernel needs a unit stride there: stock SDPA takes its math path too), tensors not on the CPU."""
+    if rng is not None or q.device.type != "cpu" or q.shape[-1] != v.shape[-1] or k.shape[1] != q.shape[1] \
+            or 0 in q.shape or 0 in k.shape or any(t.stride(-1) != 1 for t in (q, k, v)):
+        return False
+    m = _stock_mask(mask, q)
+    return False if (m is not None and m is not False and m.shape[-1] > 1 and m.stride(-1) != 1) else m
+
+
 def _fwd_torch(q, k, v, mask, rng, dropout_p, is_causal, scale):
     _dispatch.record("attention_fwd", "torch")
+    stock_mask = _stock_sdpa(q, k, v, mask, rng)
+    if stock_mask is not False:
+        # torch's own CPU kernel: lse [B, H, L] float32 (float64 for float64) with 0 on fully masked
+        # rows, whose output is 0 (the math's is too); out is laid out as the query is ([B, L, H, E]
+        # for attention layers' projections, as _out_like), else copied into that layout.
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=stock_mask, scale=scale)
+        if out.transpose(1, 2).is_contiguous():  # its output follows the query's layout
+            return out, lse.to(_lse_dtype(q.dtype)).contiguous()
+        return _out_like(q, v.shape[3]).copy_(out), lse.to(_lse_dtype(q.dtype)).contiguous()
     ct = _compute_dtype(q.dtype)
     p, keep, lse = _ref_probs(q, k, mask, rng, dropout_p, is_causal, scale)
     pd = p if keep is None else torch.where(keep, p * _drop_scale(dropout_p), 0.0)
@@ -192,6 +229,11 @@ def _group_sum(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _bwd_torch(grad_out, q, k, v, out, lse, mask, rng, dropout_p, is_causal, scale, mask_grad):
     _dispatch.record("attention_bwd", "torch")
+    stock_mask = False if mask_grad else _stock_sdpa(q, k, v, mask, rng)
+    if stock_mask is not False:
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, v, out, lse, 0.0, is_causal, attn_mask=stock_mask, scale=scale)
+        return dq, dk, dv, q.new_empty(0)
     ct = _compute_dtype(q.dtype)
     H = q.shape[1]
     p, keep, _ = _ref_probs(q, k, mask, rng, dropout_p, is_causal, scale, lse=lse)
@@ -344,7 +386,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(backend, ctx, grad_out, _grad_lse):
     q, k, v, mask, rng, out, lse = ctx.saved_tensors
     mask_grad = bool(ctx.needs_input_grad[3])
-    dq, dk, dv, dmask = bwd_ops[backend](grad_out, q, k, v, out, lse, mask, rng, *ctx.args, mask_grad)
+    dq, dk, dv, dmask = _library.call(bwd_ops, backend, grad_out, q, k, v, out, lse, mask, rng, *ctx.args,
+                                         mask_grad)
     return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None
 
 
@@ -470,5 +513,5 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     p = float(dropout_p)
     rng = draw_seed(q.device) if p > 0 else None
     backend = _dispatch.choose(OP, q.device, _unsupported(q, v))
-    out, _ = fwd_ops[backend](q, k, v, mask, rng, p, bool(is_causal), float(scale))
+    out, _ = _library.call(fwd_ops, backend, q, k, v, mask, rng, p, bool(is_causal), float(scale))
     return out.reshape(out_shape)

@@ -121,7 +121,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(backend, ctx, dy):
     x, bias = ctx.saved_tensors
     need_db = bias is not None and ctx.needs_input_grad[1]
-    dx, db = backward_ops[backend](dy, x, bias, ctx.act, need_db)
+    dx, db = _library.call(backward_ops, backend, dy, x, bias, ctx.act, need_db)
     return dx, (db if need_db else None), None
 
 
@@ -171,7 +171,7 @@ def bias_act(input: torch.Tensor, bias: torch.Tensor | None, activation: str | N
         _dispatch.record(OP, "torch")
         return stock()
     b = bias.contiguous() if bias is not None else None  # the kernels read [F] densely
-    return ops[backend](x2, b, act).view(input.shape)
+    return _library.call(ops, backend, x2, b, act).view(input.shape)
 
 
 def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -189,7 +189,7 @@ def linear_act(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
             and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype == input.dtype))
             and _dispatch.choose(OP, input.device) == "torch"):
         # The reference path: stock F.linear (addmm: the bias rides along the matmul), then the
-        # activation; the same composite torch users write.
+        # activation, in place on the fresh output (as nn.ReLU(inplace=True) after a Linear).
         _dispatch.record(OP, "torch")
-        return A.apply(torch.nn.functional.linear(input, weight, bias), A.code(activation))
+        return A.apply_(torch.nn.functional.linear(input, weight, bias), A.code(activation))
     return bias_act(torch.matmul(input, weight.t()), bias, activation)

@@ -52,6 +52,8 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Argument checks (torch's exception types and, where torch has one, its message).
 
 def _pair(value, name):
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return value  # the modules' own form: no ABC checks on the hot path
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return (int(value), int(value))
     if isinstance(value, (tuple, list)) and all(isinstance(v, numbers.Integral) for v in value):
@@ -124,7 +126,7 @@ def _check_tensor(t, name, x, length):
 
 def _is_channels_last(t: torch.Tensor) -> bool:
     # torch's own rule (suggest_memory_format), which F.conv2d uses to pick its output's format
-    from torch._prims_common import suggest_memory_format
+    from fastnets.ops._layout import suggest_memory_format
 
     return t.dim() == 4 and suggest_memory_format(t) == torch.channels_last
 
@@ -170,7 +172,7 @@ def _cba_fake(x, w, b, residual, stride, padding, dilation, groups, act, channel
 
 def _cba_torch(x, w, b, residual, stride, padding, dilation, groups, act, channels_last, save_z):
     _dispatch.record("conv_bn_act", "torch")
-    bias = b.to(x.dtype) if b is not None else None
+    bias = b.to(x.dtype) if (b is not None and b.dtype != x.dtype) else b
     z = F.conv2d(x, w, bias, stride, padding, dilation, groups)
     if residual is not None:
         z = z.add_(residual)
@@ -615,7 +617,8 @@ def _conv_act(x, w, b, residual, geo, groups, act, channels_last, needs_grad):
     backend = _dispatch.choose("conv_bn_act", x.device, _unsupported(x, w, groups, rows),
                                probe=lambda: _probe(x, w, b, stride, pad, dilation, groups))
     save_z = needs_grad and act in (3, 4, 5)
-    y, _ = _cba_ops[backend](x, w, b, residual, stride, pad, dilation, groups, act, channels_last, save_z)
+    y, _ = _library.call(_cba_ops, backend, x, w, b, residual, stride, pad, dilation, groups, act, channels_last,
+                          save_z)
     return y
 
 
@@ -631,11 +634,33 @@ def _train_bn(x, w, b, running_mean, running_var, bn_weight, bn_bias, residual, 
     rows = x.shape[0] * geo[4][0] * geo[4][1]
     backend = _dispatch.choose("conv_bn_act", x.device, _unsupported(x, w, groups, rows),
                                probe=lambda: _probe(x, w, b, list(geo[0]), pad, list(geo[3]), groups))
+    if backend == "torch":
+        return _train_bn_torch(x, w, b, running_mean, running_var, bn_weight, bn_bias, residual, list(geo[0]), pad,
+                               list(geo[3]), groups, momentum, eps, activation)
     z, mean, var = _stats_ops[backend](x, w, b, list(geo[0]), pad, list(geo[3]), groups, channels_last)
     if z.numel() == 0:
         return z
     return norm_act.batch_norm_act_train(z, running_mean, running_var, bn_weight, bn_bias, momentum, eps,
                                          activation, residual, batch_mean=mean, batch_var=var)
+
+
+def _train_bn_torch(x, w, b, running_mean, running_var, bn_weight, bn_bias, residual, stride, pad, dilation, groups,
+                    momentum, eps, activation):
+    """The reference (CPU) path of a training step: the stock layers' own ops with their own autograd,
+    as the unfused model runs them. A fused training pass cannot beat stock on a CPU (no fold, and
+    torch's batch-norm already computes its statistics and normalizes in one op), and the
+    kernels' formulation (statistics from the convolution, the pre-activation recomputed in the
+    backward) would cost extra passes there; this one keeps what stock keeps (the batch
+    statistics, the in-place activation's output) and recomputes nothing. The output's memory
+    format is F.conv2d's, as the kernels give it."""
+    _dispatch.record("conv_bn_act", "torch")
+    z = F.conv2d(x, w, b, stride, pad, dilation, groups)
+    if z.numel() == 0:
+        return z
+    y = F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, True, momentum, eps)
+    if residual is not None:
+        y = y.add_(residual)
+    return _activation.apply_(y, _activation.code(activation))
 
 
 ops = {"conv_bias_act": _cba_ops, "conv_stats": _stats_ops, "conv_act_grad": _grad_ops}

@@ -270,7 +270,7 @@ def _run(input, shape, weight, bias, eps, residual, store_sum):
         f"the kernels take float32, float16 or bfloat16 input, got {input.dtype}")
     backend = _dispatch.choose(OP, input.device, {"triton": why, "cuda": why},
                                probe=lambda: F.layer_norm(x2 if r2 is None else x2 + r2, (N,), w1, b1, eps))
-    y, s, _, _ = ops[backend](x2, r2, w1, b1, eps, store_sum)
+    y, s, _, _ = _library.call(ops, backend, x2, r2, w1, b1, eps, store_sum)
     return y.view(input.shape), (s.view(input.shape) if store_sum else None)
 
 

@@ -187,7 +187,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(backend, ctx, grad):
     (x,) = ctx.saved_tensors
-    return backward_ops[backend](grad, x, *ctx.params), None, None, None, None
+    return _library.call(backward_ops, backend, grad, x, *ctx.params), None, None, None, None
 
 
 _library.register_autograd(ops, setup_context=_setup_context, backward=_backward)
@@ -239,4 +239,4 @@ def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, bet
         raise RuntimeError(f"local_response_norm(): size must be at least 1, got {size}")
     backend = _dispatch.choose(OP, input.device, _unsupported(input),
                                probe=lambda: F.local_response_norm(input, size, alpha, beta, k))
-    return ops[backend](input, size, alpha, beta, k)
+    return _library.call(ops, backend, input, size, alpha, beta, k)

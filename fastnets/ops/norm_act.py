@@ -30,7 +30,7 @@ import numbers
 
 import torch
 import torch.nn.functional as F
-from torch._prims_common import suggest_memory_format
+from fastnets.ops._layout import suggest_memory_format
 
 from fastnets import _dispatch, _ext, _library
 from fastnets.ops import _activation
@@ -135,12 +135,11 @@ def _stats_fake(x, running_mean, running_var, batch_mean, batch_var, momentum):
 
 def batch_stats_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of x (N, C, *) in the statistics' dtype, by stock
-    aten.native_batch_norm (one vectorized Welford pass; torch.var_mean over the same dimensions
-    is about 7x slower on a CPU). With eps = 0 it returns invstd = 1 / sqrt(var), and var =
-    invstd^-2 in float64 is exact to float32 rounding (var = 0 gives invstd = inf, var = 0)."""
+    aten.batch_norm_update_stats: the statistics pass of torch's own training batch-norm (vectorized,
+    NCHW and channels_last), without its normalizing pass (native_batch_norm would also write a
+    normalized copy of x; torch.var_mean over the same dimensions is about 7x slower on a CPU)."""
     ct = _stat_dtype(x)
-    _, mean, invstd = torch.native_batch_norm(x.to(ct), None, None, None, None, True, 0.0, 0.0)
-    return mean, invstd.double().pow(-2).to(ct)
+    return torch.ops.aten.batch_norm_update_stats(x.to(ct), None, None, 0.0)
 
 
 def _torch_stats(x, running_mean, running_var, batch_mean, batch_var, momentum):
@@ -492,13 +491,20 @@ def _run(x, running_mean, running_var, weight, bias, training, momentum, eps, ac
         y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         return _activation.apply(y if residual is None else y + residual, act)
     backend = _dispatch.choose(OP, x.device, _unsupported(x))
+    if training and backend == "torch" and batch_mean is None:
+        # The reference (CPU) path in training: stock batch-norm with its own autograd (it keeps its
+        # batch statistics for the backward), then the residual and the activation in place as the
+        # unfused layers do: the same passes as stock, none recomputed in the backward.
+        _dispatch.record(OP, "torch")
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps)
+        return _activation.apply_(y if residual is None else y.add_(residual), act)
     if training:
         mean, var = stats_ops[backend](x.detach(), running_mean, running_var,
                                        None if batch_mean is None else batch_mean.detach(),
                                        None if batch_var is None else batch_var.detach(), momentum)
     else:
         mean, var = running_mean, running_var
-    return ops[backend](x, mean, var, weight, bias, residual, eps, act, training)
+    return _library.call(ops, backend, x, mean, var, weight, bias, residual, eps, act, training)
 
 
 def batch_norm_act(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch._prims_common import suggest_memory_format
+from fastnets.ops._layout import suggest_memory_format
 
 from fastnets import _dispatch, _ext, _library
 
@@ -501,17 +501,17 @@ def _max_pool2d_bwd(backend, ctx, grad_out, _grad_idx):
     *window, with_indices = ctx.args
     if not with_indices:
         raise RuntimeError("max_pool2d: the backward needs the indices, but the forward ran with with_indices=False")
-    return (MAX_POOL2D_BACKWARD[backend](grad_out, x, idx, *window), *_no_grads(ctx))
+    return (_library.call(MAX_POOL2D_BACKWARD, backend, grad_out, x, idx, *window), *_no_grads(ctx))
 
 
 def _avg_pool2d_bwd(backend, ctx, grad_out):
     (x,) = ctx.saved_tensors
-    return (AVG_POOL2D_BACKWARD[backend](grad_out, x, *ctx.args), *_no_grads(ctx))
+    return (_library.call(AVG_POOL2D_BACKWARD, backend, grad_out, x, *ctx.args), *_no_grads(ctx))
 
 
 def _adaptive_avg_pool2d_bwd(backend, ctx, grad_out):
     (x,) = ctx.saved_tensors
-    return (ADAPTIVE_AVG_POOL2D_BACKWARD[backend](grad_out, x), *_no_grads(ctx))
+    return (_library.call(ADAPTIVE_AVG_POOL2D_BACKWARD, backend, grad_out, x), *_no_grads(ctx))
 
 
 def _adaptive_max_pool2d_bwd(backend, ctx, grad_out, _grad_idx):
@@ -519,7 +519,7 @@ def _adaptive_max_pool2d_bwd(backend, ctx, grad_out, _grad_idx):
     if not ctx.args[-1]:
         raise RuntimeError("adaptive_max_pool2d: the backward needs the indices, but the forward ran with "
                            "with_indices=False")
-    return (ADAPTIVE_MAX_POOL2D_BACKWARD[backend](grad_out, x, idx), *_no_grads(ctx))
+    return (_library.call(ADAPTIVE_MAX_POOL2D_BACKWARD, backend, grad_out, x, idx), *_no_grads(ctx))
 
 
 _library.register_autograd(MAX_POOL2D, setup_context=_save_input_indices, backward=_max_pool2d_bwd)
@@ -553,7 +553,7 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     _check_window(op, input, k, s, p, d, ceil_mode)
     backend = _dispatch.choose(op, input.device, _unsupported(input),
                                probe=lambda: torch.ops.aten.max_pool2d(input, k, s, p, d, ceil_mode))
-    out, idx = MAX_POOL2D[backend](input, k, s, p, d, ceil_mode, _needs_indices(input, return_indices))
+    out, idx = _library.call(MAX_POOL2D, backend, input, k, s, p, d, ceil_mode, _needs_indices(input, return_indices))
     return (out, idx) if return_indices else out
 
 
@@ -583,7 +583,7 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
     backend = _dispatch.choose(op, input.device, _unsupported(input),
                                probe=lambda: torch.ops.aten.avg_pool2d(input, k, s, p, ceil_mode, count_include_pad,
                                                                        divisor))
-    return AVG_POOL2D[backend](input, k, s, p, ceil_mode, count_include_pad, divisor)
+    return _library.call(AVG_POOL2D, backend, input, k, s, p, ceil_mode, count_include_pad, divisor)
 
 
 def adaptive_avg_pool2d(input, output_size):
@@ -599,7 +599,7 @@ def adaptive_avg_pool2d(input, output_size):
         return adaptive_avg_pool2d(planes, size).reshape(*input.shape[:-2], 1, 1)
     backend = _dispatch.choose(op, input.device, _unsupported(input),
                                probe=lambda: torch.ops.aten.adaptive_avg_pool2d(input, size))
-    return ADAPTIVE_AVG_POOL2D[backend](input, size)
+    return _library.call(ADAPTIVE_AVG_POOL2D, backend, input, size)
 
 
 def adaptive_max_pool2d(input, output_size, return_indices=False):
@@ -608,5 +608,5 @@ def adaptive_max_pool2d(input, output_size, return_indices=False):
     size = _adaptive_size(op, input, output_size)
     backend = _dispatch.choose(op, input.device, _unsupported(input),
                                probe=lambda: torch.ops.aten.adaptive_max_pool2d(input, size))
-    out, idx = ADAPTIVE_MAX_POOL2D[backend](input, size, _needs_indices(input, return_indices))
+    out, idx = _library.call(ADAPTIVE_MAX_POOL2D, backend, input, size, _needs_indices(input, return_indices))
     return (out, idx) if return_indices else out
