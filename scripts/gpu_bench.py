@@ -154,8 +154,9 @@ def _spec(v):
     return repr(v)
 
 
-def intercept(worker: int, workers: int, seen: set) -> None:
-    """Turns Triton launches into compiles of this worker's share of the variants."""
+def intercept(worker: int, workers: int, seen: set, counter: dict | None = None) -> None:
+    """Turns Triton launches into compiles of this worker's share of the variants (counter["n"]:
+    how many compiles were asked for)."""
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
@@ -172,6 +173,8 @@ def intercept(worker: int, workers: int, seen: set) -> None:
 
     def jit_run(self, *args, grid, warmup, **kwargs):
         if getattr(local, "inside", False) or mine(self.fn.__name__, args, kwargs):
+            if counter is not None:
+                counter["n"] = counter.get("n", 0) + 1
             return run_jit(self, *args, grid=grid, warmup=True, **kwargs)
         return None
 
