@@ -101,20 +101,21 @@ def test_conv_prune_drops_the_spilling_candidates(monkeypatch, arch, dtype):
     candidates = KC._BOTH + (KC._SM90 if arch == 9 else ())
     configs = _gemm(candidates)
     x = torch.empty(1, dtype=dtype)
-    for flat in (True, False):
-        spills = KC._SPILLS.get(arch, {}).get(flat, set())
+    for flat, sxc in ((True, 1), (False, 1), (False, 3136)):
+        spills = KC._SPILLS[arch][KC._path(flat, sxc)]
         assert spills <= set(KC._BOTH + KC._SM90), "a stale entry: not a candidate"
-        kept = _tiles(KC.prune_gemm_configs(configs, {"x_ptr": x, "FLAT_K": flat}))
+        kept = _tiles(KC.prune_gemm_configs(configs, {"x_ptr": x, "FLAT_K": flat, "sxc": sxc}))
         big = set(KC._SM90) if dtype == torch.float32 else set()
         if arch == 8 and dtype == torch.float32:  # 3 x (128 + 128) x 64 x 4 B = 196608 > 166912
             big.add((128, 128, 64, 8, 3))
         assert kept == [t for t in candidates if t not in spills and t not in big]
         assert kept, "every candidate pruned"
         # As the autotuner calls it: the constexprs among the keyword arguments.
-        assert _tiles(KC.prune_gemm_configs(configs, {"x_ptr": x}, FLAT_K=flat)) == kept
-    # The stem's flattened reduction spills in the largest tiles on sm_90.
-    if arch == 9:
-        assert (128, 128, 32, 4, 4) in KC._SPILLS[9][True]
+        assert _tiles(KC.prune_gemm_configs(configs, {"x_ptr": x, "sxc": sxc}, FLAT_K=flat)) == kept
+    # The stem's flattened reduction spills in the largest tile; over NCHW input only 64x64x32 does not.
+    assert (128, 128, 32, 4, 4) in KC._SPILLS[arch]["flat"]
+    assert KC._SPILLS[arch]["nhwc"] == set()
+    assert set(KC._BOTH + KC._SM90) - KC._SPILLS[arch]["strided"] == {(64, 64, 32, 4, 4)}
 
 
 def test_conv_shared_memory_estimate_is_what_the_compiles_report():

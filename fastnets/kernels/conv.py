@@ -47,18 +47,23 @@ _SM90 = ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4))
 
 # Candidates that spill registers to local memory (cuobjdump -res-usage: STACK > 0, LDL/STL in the
 # SASS), per architecture and reduction path, from compiles specialized as the JIT does at run time
-# (Triton 3.9, fp16, ResNet-50 stem 7x7/2 over 3 channels for FLAT_K, 3x3 over 64 and 40 channels
-# for the tap path; issue 12). The flattened reduction's per-element (kh, kw, ci) index arithmetic
-# over a [BLOCK_M, BLOCK_K] tile is what overflows 255 registers in the large tiles. Spilling
-# candidates are pruned before the autotuner compiles and times them: a short GPU window spends its
-# minutes on real candidates. Every remaining candidate fits one CTA per SM (<= 255 registers x 256
-# threads, shared memory within the architecture's limit: the fp32 rule below).
+# (Triton 3.9, fp16; issue 12): "flat" the flattened reduction (ResNet-50 stem, 7x7/2 over 3
+# channels), "nhwc" the tap path with channels contiguous (3x3 over 64 and 40 channels), "strided"
+# the tap path over an NCHW input (3x3 over 64 channels: its per-element gather addresses hold every
+# tile but 64x64x32 over 255 registers). Spilling candidates are pruned before the autotuner compiles
+# and times them: a short GPU window spends its minutes on real candidates. Every remaining candidate
+# fits one CTA per SM (<= 255 registers x 256 threads; shared memory: rule (3) below).
+_ALL = frozenset(_BOTH + _SM90)
 _SPILLS = {
-    8: {True: {(128, 128, 32, 4, 4)}, False: set()},
-    9: {True: {(128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 256, 64, 8, 3),
-               (256, 128, 64, 8, 3), (128, 128, 64, 8, 4)},
-        False: set()},
+    8: {"flat": {(128, 128, 32, 4, 4)}, "nhwc": set(), "strided": set(_ALL - {(64, 64, 32, 4, 4)})},
+    9: {"flat": {(128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 256, 64, 8, 3),
+                 (256, 128, 64, 8, 3), (128, 128, 64, 8, 4)},
+        "nhwc": set(), "strided": set(_ALL - {(64, 64, 32, 4, 4)})},
 }
+
+
+def _path(flat_k, sxc) -> str:
+    return "flat" if flat_k else ("nhwc" if sxc == 1 else "strided")
 
 
 def _arch() -> tuple[int, int]:
@@ -79,7 +84,7 @@ def _gemm_shared(bm, bn, bk, stages, elem):
 
 
 def prune_gemm_configs(configs, named_args, **kwargs):
-    """Autotuner early prune. (1) Candidates that spill on this architecture (_SPILLS, by FLAT_K).
+    """Autotuner early prune. (1) Candidates that spill on this architecture (_SPILLS, by _path).
     (3) Candidates whose operand tiles need more shared memory than this GPU gives one CTA (fp32
     128x128x64 x 3 stages: 196608 B, over sm_80's 166912).
     (2) The sm_90-only tiles are for 16-bit operands: in fp32 their pipelined tiles need 262-295 KB of
@@ -94,7 +99,7 @@ def prune_gemm_configs(configs, named_args, **kwargs):
     def tile(c):
         return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
 
-    drop = set(_SPILLS.get(ARCH[0], {}).get(bool(get("FLAT_K")), ()))
+    drop = set(_SPILLS.get(ARCH[0], {}).get(_path(get("FLAT_K"), get("sxc")), ()))
     x = get("x_ptr")
     if getattr(x, "dtype", None) == torch.float32:
         drop |= set(_SM90)
