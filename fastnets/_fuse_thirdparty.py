@@ -25,7 +25,6 @@ what their forward does, never by their name, and without importing the librarie
 from __future__ import annotations
 
 import inspect
-import math
 
 import torch
 import torch.fx as fx

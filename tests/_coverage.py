@@ -1,8 +1,9 @@
 """How much of a model's normalization and attention fastnets.fuse() replaced, counted by running it.
 
 coverage(stock, fused, *inputs) runs both models once on the inputs (no grad, each in its own
-mode) and counts the calls of the stock functional ops they make, outermost calls only (what an
-nn.Module or a user's forward calls, not what a fastnets op does inside):
+mode) and counts the calls of the stock functional ops they make: outermost calls only, none made
+inside a fastnets op (whose CPU reference may call the stock op) and none on torch.fx proxies (a
+forward that fuse() traces at its first call of a new argument structure):
     batch-norm   F.batch_norm            (nn.BatchNorm*d, timm's BatchNormAct2d, F.batch_norm calls)
     layer-norm   F.layer_norm            (nn.LayerNorm and its subclasses, F.layer_norm calls)
     attention    F.scaled_dot_product_attention, F.multi_head_attention_forward (nn.MultiheadAttention)
@@ -10,6 +11,8 @@ The fraction replaced of a kind is 1 - (its calls left in the fused model) / (it
 stock model); a kind the stock model never calls is absent from the result.
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,23 @@ KINDS = {
 }
 
 
+_INTERNAL = ("fastnets.ops", "fastnets.kernels", "fastnets._library", "fastnets._dispatch")
+
+
+def _inside_fastnets_op() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith(_INTERNAL):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _tracing(args, kwargs) -> bool:
+    """A call on torch.fx proxies: fuse() tracing a forward at its first call of a new structure."""
+    return any(isinstance(a, torch.fx.Proxy) for a in torch.utils._pytree.tree_leaves((args, kwargs or {})))
+
+
 class _Count(TorchFunctionMode):
     def __init__(self):
         super().__init__()
@@ -32,7 +52,7 @@ class _Count(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kind = KINDS.get(func)
-        if kind is not None:
+        if kind is not None and not _inside_fastnets_op() and not _tracing(args, kwargs):
             self.counts[kind] += 1
         # Inside a mode's handler the mode is off: the calls func makes are not counted (outermost only).
         return func(*args, **(kwargs or {}))
