@@ -306,3 +306,71 @@ def test_fused_torchvision_style_resnet50_on_the_kernels(backend):
             assert_step_matches(fused, stock, stock64, x, train, "resnet50")
 
 
+
+
+# ----------------------------------------------------------------------------------------------
+# float64 training (issue 11): stock trains in float64 and gradcheck relies on it.
+
+def _stock_and_fused_grads(stock, fused, x):
+    grads = []
+    for m in (stock, fused):
+        m.double().train()
+        m.zero_grad()
+        with _dispatch.use_backend("torch"):
+            out = m(x)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view(out.shape)).sum().backward()
+        grads.append((out.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    return grads
+
+
+def test_float64_training_of_a_fused_torchvision_model_and_of_the_family():
+    tvm = _thirdparty.torchvision().models
+    # 64x64: layer4 normalizes over 2 x 2 x 2 values, which amplifies any difference in the
+    # backward by orders of magnitude (at 32x32, over 2 values): float32 anywhere would show as
+    # ~1e-3, float64 ordering differences stay near 1e-10.
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    stock_tv = randomize(tvm.resnet18(num_classes=10))
+    family = randomize(models.resnet18(num_classes=10))
+    family_stock = models.resnet18(num_classes=10, fused=False)
+    family_stock.load_state_dict(family.state_dict())
+    for stock, fused in ((stock_tv, fastnets.fuse(stock_tv)), (family_stock, family)):
+        (out_s, grads_s), (out_f, grads_f) = _stock_and_fused_grads(stock, fused, x)
+        assert out_f.dtype == torch.float64
+        torch.testing.assert_close(out_f, out_s, rtol=1e-9, atol=1e-10)
+        for name, g in grads_s.items():
+            assert grads_f[name].dtype == torch.float64
+            rel = ((grads_f[name] - g).norm() / g.norm()).item()
+            assert rel < 1e-7, f"{name}: relative L2 difference {rel:.3g} from stock float64"
+
+
+def test_float64_gradcheck_of_a_fused_block_in_training():
+    torch.manual_seed(3)
+    block = randomize(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                                    nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.SiLU()))
+    fused = fastnets.fuse(block).double().train()
+    assert fused.fuse_summary.counts == {"conv-bn-act": 2}
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    with _dispatch.use_backend("torch"):
+        assert torch.autograd.gradcheck(lambda t: fused(t), (x,), eps=1e-6, atol=1e-7)
+
+
+def test_float64_conv_statistics_op_feeds_the_training_batch_norm():
+    """The registered conv_stats op (the kernels' training path: statistics from the conv, then
+    batch_norm_act_train) gives float64 statistics for float64 input, as batch_norm_act_train
+    requires (it raised 'batch_mean must be torch.float64, got torch.float32')."""
+    from fastnets.ops import conv as conv_ops
+    from fastnets.ops import norm_act
+
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    gamma, beta = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64) * 0.2
+    z, mean, var = conv_ops.ops["conv_stats"]["torch"](x, w, None, [1, 1], [1, 1], [1, 1], 1, False)
+    assert mean.dtype == var.dtype == torch.float64
+    y = norm_act.batch_norm_act_train(z, None, None, gamma, beta, 0.1, 1e-5, "relu", None, batch_mean=mean,
+                                      batch_var=var)
+    ref = F.relu(F.batch_norm(F.conv2d(x, w, padding=1), None, None, gamma, beta, True, 0.1, 1e-5))
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
+    gx, gw = torch.autograd.grad((y * torch.arange(y.numel(), dtype=torch.float64).view(y.shape)).sum(), (x, w))
+    rx, rw = torch.autograd.grad((ref * torch.arange(y.numel(), dtype=torch.float64).view(y.shape)).sum(), (x, w))
+    torch.testing.assert_close(gx, rx, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(gw, rw, rtol=1e-9, atol=1e-10)

@@ -250,15 +250,16 @@ def _stats_proto(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, strid
 def _stats_fake(x, w, b, stride, padding, dilation, groups, channels_last):
     shape = _out_shape(x, w, stride, padding, dilation)
     z = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_fmt(channels_last))
-    return z, x.new_empty((w.shape[0],), dtype=torch.float32), x.new_empty((w.shape[0],), dtype=torch.float32)
+    ct = torch.promote_types(x.dtype, torch.float32)  # the statistics' dtype: float64 for float64 input
+    return z, x.new_empty((w.shape[0],), dtype=ct), x.new_empty((w.shape[0],), dtype=ct)
 
 
 def _stats_torch(x, w, b, stride, padding, dilation, groups, channels_last):
     _dispatch.record("conv_bn_act", "torch")
     z = F.conv2d(x, w, b.to(x.dtype) if b is not None else None, stride, padding, dilation, groups)
     z = z.contiguous(memory_format=_fmt(channels_last))
-    mean, var = batch_stats_reference(z)
-    return z, mean.float(), var.float()
+    mean, var = batch_stats_reference(z)  # float32, float64 for float64 input (batch_norm_act_train's rule)
+    return z, mean, var
 
 
 def _stats_outputs(x, w, stride, padding, dilation, channels_last, tile_m):
