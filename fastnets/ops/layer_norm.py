@@ -78,7 +78,12 @@ def _torch_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Option
     s = x + residual if residual is not None else x
     y, mean, rstd = torch.native_layer_norm(s, (x.shape[1],), weight, bias, eps)
     st = _stat_dtype(x)
-    s_out = torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(s) if store_sum else x.new_empty((0,))
+    if not store_sum:
+        s_out = x.new_empty((0,))
+    elif residual is not None and s.dtype == x.dtype and s.is_contiguous():
+        s_out = s  # x + residual is a fresh dense tensor: returned as it is, no copy
+    else:
+        s_out = torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(s)
     return y, s_out, mean.reshape(-1).to(st), rstd.reshape(-1).to(st)
 
 
