@@ -208,9 +208,11 @@ def _triton_row(d, arch, data, r) -> dict:
                n_configs=r.get("n_configs", 1), compile_status=r["status"], notes=r.get("notes", []))
     if r.get("cubin"):
         a = S.audit_cubin(os.path.join(d, "cubins", r["cubin"]), arch, threads=32 * r["options"]["num_warps"],
-                          dyn_shared=r.get("dyn_shared", 0), keep_sass=True)
+                          dyn_shared=r.get("dyn_shared", 0))
         rep = a.get(r.get("function")) or next(iter(a.values()))
         row.update(rep)
+        row["cubin_path"] = os.path.join(d, "cubins", r["cubin"])
+        row["function"] = r.get("function") or next(iter(a))
     row["lead"] = r.get("lead")
     return row
 
@@ -219,7 +221,7 @@ def read_cuda(d: str, arch: int) -> list[dict]:
     rows = []
     for cub in sorted(glob.glob(os.path.join(d, f"sm{arch}-*.cubin"))):
         threads = _max_threads(cub)
-        a = S.audit_cubin(cub, arch, threads=None, keep_sass=True)
+        a = S.audit_cubin(cub, arch, threads=None)
         dem = _demangle(list(a))
         for mangled, rep in a.items():
             name, targs = _cuda_short(dem[mangled])
@@ -232,6 +234,7 @@ def read_cuda(d: str, arch: int) -> list[dict]:
                 rep.update(S.occupancy(arch, rep["REG"], rep["shared"], t))
             first = targs.split(",")[0].strip()
             dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(first, "")
+            rep["cubin_path"], rep["function"] = cub, mangled
             rows.append(dict(backend="cuda", arch=arch, id=f"cuda-sm{arch}-{name}<{targs}>",
                              kernel=name, module=os.path.basename(cub)[len(f"sm{arch}-"):-6], targs=targs,
                              dtype=dtype, case="csrc", div16=[], config_index=0, n_configs=1, **rep))
@@ -271,7 +274,7 @@ def check(row) -> tuple[bool, list[str], str]:
     fails = []
     if row.get("REG") is None:
         return False, ["not compiled"], cls
-    if row.get("LOCAL", 0) or row.get("STACK", 0) or row.get("LDL", 0) or row.get("STL", 0):
+    if row.get("LOCAL", 0) or row.get("LDL", 0) or row.get("STL", 0):  # a stack frame alone is not a spill
         fails.append(f"spills: {row.get('STACK', 0)} B stack, {row.get('LOCAL', 0)} B local, {row.get('LDL', 0)} LDL / "
                      f"{row.get('STL', 0)} STL")
     if row.get("ctas") == 0 or row.get("shared", 0) > SMEM_PER_CTA[row["arch"]]:
@@ -317,10 +320,11 @@ def representatives(rows) -> list[dict]:
             del groups[key]
     cuda_names = {(g[0], g[1]) for g in cuda_groups}
     for (arch, kernel, dtype), rs in cuda_groups.items():
-        vec = kernel[:-len("_kernel")] + "_vec_kernel" if kernel.endswith("_kernel") else None
-        if vec and (arch, vec) in cuda_names:  # the scalar fallback of a vector kernel: not the fast path
-            for r in rs:
-                r["fallback_of"] = vec
+        for sib in ("_vec_kernel", "_async_kernel"):  # the scalar / synchronous fallback of a fast kernel
+            fast_k = kernel[:-len("_kernel")] + sib if kernel.endswith("_kernel") else None
+            if fast_k and (arch, fast_k) in cuda_names:
+                for r in rs:
+                    r["fallback_of"] = fast_k
         if dtype == "float32" and any(g[1] == kernel and g[0] == arch and g[2] in ("float16", "bfloat16")
                                       for g in cuda_groups):
             continue  # the 16-bit instantiations are the fast path; fp32 stays in audit.json
@@ -344,35 +348,6 @@ def representatives(rows) -> list[dict]:
         pick["variants_fast_meeting"] = f"{sum(check(r)[0] for r in fast)}/{len(fast)}" if fast else "-"
         reps.append(pick)
     return reps
-
-
-def _loop_shares(row):
-    """Adds loop_async128_share: of the loop-weighted global bytes loaded inside loops, the share
-    moved by 128-bit LDGSTS or TMA."""
-    sass = row.get("sass")
-    if not sass:
-        return
-    instrs = []
-    for line in sass.splitlines():
-        m = re.match(r"/\*([0-9a-f]+)\*/ (?:(@\S+) )?(\S+)\s*(.*)", line)
-        if m:
-            instrs.append(S.Instr(int(m.group(1), 16), m.group(2) or "", m.group(3), m.group(4)))
-    rngs = S.loops(instrs)
-    tot = fast = 0
-    for ins in instrs:
-        depth = sum(1 for a, b in rngs if a <= ins.addr <= b)
-        if not depth:
-            continue
-        w = S.LOOP_WEIGHT ** depth
-        if ins.base in ("LDG", "LDGSTS"):
-            width = S._width_bits(ins.op)
-            tot += width // 8 * w
-            if ins.base == "LDGSTS" and width == 128:
-                fast += width // 8 * w
-        elif ins.base in ("UTMALDG", "UBLKCP"):
-            tot += 16 * w
-            fast += 16 * w
-    row["loop_async128_share"] = round(fast / tot, 3) if tot else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,10 +378,10 @@ def pruning(rows) -> list[dict]:
             return ",".join(f"{k}={r['constexprs'][k]}" for k in varying) + \
                 f",w{r['options'].get('num_warps')},s{r['options'].get('num_stages')}"
         spill = [label(r) + f" ({r.get('LDL', 0)} LDL/{r.get('STL', 0)} STL)" for r in rs
-                 if r.get("LOCAL", 0) or r.get("STACK", 0) or r.get("LDL", 0) or r.get("STL", 0)]
+                 if r.get("LOCAL", 0) or r.get("LDL", 0) or r.get("STL", 0)]
         nofit = [label(r) + f" ({r.get('shared')} B)" for r in rs
                  if r.get("REG") is None or r.get("ctas", 1) == 0 or r.get("shared", 0) > SMEM_PER_CTA[r["arch"]]]
-        bad = {label(r) for r in rs if r.get("LOCAL", 0) or r.get("STACK", 0) or r.get("LDL", 0) or r.get("STL", 0) or r.get("REG") is None
+        bad = {label(r) for r in rs if r.get("LOCAL", 0) or r.get("LDL", 0) or r.get("STL", 0) or r.get("REG") is None
                or r.get("ctas", 1) == 0 or r.get("shared", 0) > SMEM_PER_CTA[r["arch"]]}
         r0 = rs[0]
         out.append(dict(triton=r0["triton"], arch=r0["arch"], kernel=r0["kernel"], dtype=r0["dtype"], case=r0["case"],
@@ -454,11 +429,12 @@ def prune_table(pr) -> str:
     return "\n".join(lines)
 
 
-def write(out: str, rows, reps, pr, meta, logs):
+def write(out: str, rows, reps, pr, meta, logs, sass: bool = True):
     os.makedirs(os.path.join(out, "raw"), exist_ok=True)
-    slim = [{k: v for k, v in r.items() if k != "sass"} for r in rows]
+    slim = [{k: v for k, v in r.items() if k not in ("sass", "cubin_path")} for r in rows]
     with open(os.path.join(out, "audit.json"), "w") as f:
-        json.dump(dict(meta=meta, representatives=[{k: v for k, v in r.items() if k != "sass"} for r in reps],
+        json.dump(dict(meta=meta, representatives=[{k: v for k, v in r.items() if k not in ("sass", "cubin_path")}
+                                                   for r in reps],
                        pruning=pr, all=slim), f, indent=1, default=str)
     n_ok = sum(check(r)[0] for r in reps)
     md = [f"# SASS audit ({meta['date']})", "",
@@ -480,10 +456,15 @@ def write(out: str, rows, reps, pr, meta, logs):
     for name, text in logs.items():
         with open(os.path.join(out, "raw", name), "w") as f:
             f.write(text)
+    if not sass:
+        return
     with gzip.open(os.path.join(out, "raw", "sass-representatives.txt.gz"), "wt") as f:
         for r in sorted(reps, key=lambda r: r["id"]):
+            sass = ""
+            if r.get("cubin_path"):
+                sass = S.sass_text(S.parse_sass(S.dump(r["cubin_path"])[0]).get(r["function"], []))
             f.write(f"==== {r['backend']} {r.get('triton') or ''} sm_{r['arch']} {r['kernel']} {r.get('targs') or ''} "
-                    f"{r['id']} ({r.get('case')})\n{r.get('sass', '')}\n")
+                    f"{r['id']} ({r.get('case')})\n{sass}\n")
 
 
 def compare(before: str, after: str) -> str:
@@ -526,6 +507,16 @@ def main() -> int:
     if len(sys.argv) == 4 and sys.argv[1] == "--compare":  # --compare BEFORE/audit.json AFTER/audit.json
         print(compare(sys.argv[2], sys.argv[3]))
         return 0
+    if len(sys.argv) == 3 and sys.argv[1] == "--render":  # --render DIR: the tables again from DIR/audit.json
+        data = json.load(open(os.path.join(sys.argv[2], "audit.json")))
+        rows = data["all"]
+        for r in rows:
+            r.pop("fallback_of", None)
+            r.pop("kernel_label", None)
+        reps = representatives(rows)
+        write(sys.argv[2], rows, reps, pruning(rows), data["meta"], {}, sass=False)
+        print(f"{sum(check(r)[0] for r in reps)}/{len(reps)} kernels meet their expectation; re-rendered {sys.argv[2]}")
+        return 0
     ap.add_argument("--out", required=True, help="output folder (audit.md, audit.json, raw/)")
     ap.add_argument("--archs", default="80,90")
     ap.add_argument("--pythons", default=None, help="comma-separated Python interpreters, one per Triton version "
@@ -565,8 +556,6 @@ def main() -> int:
     if cuda_dir:
         for arch in archs:
             rows += read_cuda(cuda_dir, arch)
-    for r in rows:
-        _loop_shares(r)
     reps = representatives(rows)
     pr = pruning(rows)
     commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
