@@ -10,6 +10,8 @@ one in triton/backends/nvidia/bin/, the CUDA toolkit another). Per function:
   memory traffic (LDL/STL: spills or stack arrays);
 - loops: a backward branch (BRA to a lower address) closes a loop over [target, branch]; an
   instruction's loop depth is the number of such ranges that hold it;
+- GEMM operands: of the loop-weighted global bytes loaded inside loops (LDG, LDGSTS, TMA), the share
+  moved by 128-bit async copies (LDGSTS.128) or TMA (loop_async128_share);
 - the static proxy for "the fraction of global bytes moved by 128-bit instructions": every global
   data instruction (LDG, STG, LDGSTS, RED/ATOMG; TMA counted as 128-bit) is weighted by its width
   in bytes times LOOP_WEIGHT ** (loop depth), since an instruction in a loop runs once per
@@ -195,6 +197,21 @@ def classify(instrs: list[Instr]) -> dict:
             c[base] += 1
         if width is not None:
             c["bytes_by_width"][width] = c["bytes_by_width"].get(width, 0) + (width // 8) * w
+    # GEMM operands: of the loop-weighted bytes loaded inside loops, the share by LDGSTS.128 or TMA
+    loop_tot = loop_fast = 0
+    for ins in instrs:
+        depth = sum(1 for a, b in rngs if a <= ins.addr <= b)
+        if not depth:
+            continue
+        w = LOOP_WEIGHT ** depth
+        if ins.base in ("LDG", "LDGSTS"):
+            width = _width_bits(ins.op)
+            loop_tot += width // 8 * w
+            loop_fast += width // 8 * w if (ins.base == "LDGSTS" and width == 128) else 0
+        elif ins.base in ("UTMALDG", "UBLKCP"):
+            loop_tot += 16 * w
+            loop_fast += 16 * w
+    c["loop_async128_share"] = round(loop_fast / loop_tot, 3) if loop_tot else None
     total = sum(c["bytes_by_width"].values())
     c["global_bytes_weighted"] = total
     c["frac128"] = round(c["bytes_by_width"].get(128, 0) / total, 3) if total else None
@@ -221,6 +238,10 @@ def occupancy(arch: int, regs: int, smem: int, threads: int) -> dict:
     return dict(ctas=ctas, warps=ctas * warps, occupancy=round(ctas * warps / lim["warps"], 3), limiter=limiter)
 
 
+def sass_text(instrs: list[Instr]) -> str:
+    return "\n".join(f"/*{i.addr:04x}*/ {i.pred + ' ' if i.pred else ''}{i.op} {i.operands}" for i in instrs)
+
+
 def audit_cubin(cubin, arch: int, threads: dict | int | None = None, dyn_shared: dict | int = 0,
                 keep_sass: bool = False) -> dict[str, dict]:
     """{function: report} for every function of a cubin. threads / dyn_shared: per function (dict)
@@ -240,8 +261,7 @@ def audit_cubin(cubin, arch: int, threads: dict | int | None = None, dyn_shared:
         if t and r["REG"] is not None:
             r.update(occupancy(arch, r["REG"], r["shared"], t))
         if keep_sass:
-            r["sass"] = "\n".join(f"/*{i.addr:04x}*/ {i.pred + ' ' if i.pred else ''}{i.op} {i.operands}"
-                                  for i in instrs)
+            r["sass"] = sass_text(instrs)
         out[name] = r
     return out
 
