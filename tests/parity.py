@@ -64,6 +64,16 @@ def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     raise ValueError(layout)
 
 
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """t's values, shape and strides (and requires_grad) in storage that starts one element past a
+    16-byte boundary: the input that must take a kernel's unaligned (non-vector) path."""
+    buf = torch.empty(t.untyped_storage().nbytes() // t.element_size() + 1, dtype=t.dtype, device=t.device)
+    out = buf.as_strided(t.shape, t.stride(), t.storage_offset() + 1)
+    out.copy_(t.detach())
+    assert out.data_ptr() % 16 != 0
+    return out.requires_grad_(t.requires_grad)
+
+
 def upcast(t, dtype=torch.float64):
     if isinstance(t, torch.Tensor) and t.is_floating_point():
         return t.detach().to(dtype).requires_grad_(t.requires_grad)

@@ -11,6 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import fastnets
 from fastnets import functional as FF
 from fastnets.ops import attention as A
+import parity
 from parity import DEVICE, DOT_DTYPES, KERNEL_BACKENDS, assert_parity, assert_raises_like, ran_on, to_layout
 
 ALL_BACKENDS = ["torch", *KERNEL_BACKENDS]  # the reference is the CPU path of `auto`: tested too
@@ -466,15 +467,6 @@ def test_gpu_opcheck_and_compile(backend):
 # pointers; the forward overlaps the next K tile and the current V tile with the math) and the
 # plain loads they fall back to (E = 60 for 16-bit types, odd E, strided views, a misaligned input).
 
-def _misaligned_copy(t):
-    """t's values, shape and strides in storage that starts one element past a 16-byte boundary."""
-    buf = torch.empty(t.untyped_storage().nbytes() // t.element_size() + 1, dtype=t.dtype, device=t.device)
-    out = buf.as_strided(t.shape, t.stride(), t.storage_offset() + 1)
-    out.copy_(t.detach())
-    assert out.data_ptr() % 16 != 0
-    return out
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
 @pytest.mark.parametrize("E,layout,causal", [(64, "contiguous", False), (64, "bshd", True), (128, "contiguous", True),
@@ -492,7 +484,7 @@ def test_cuda_async_copy_and_plain_load_paths_gpu(dtype, E, layout, causal):
 def test_cuda_misaligned_inputs_gpu(dtype):
     if "cuda" not in KERNEL_BACKENDS:
         pytest.skip("fastnets._C sees no device")
-    q, k, v = (_misaligned_copy(t) for t in _qkv(2, 4, 77, 93, 64, dtype=dtype))
+    q, k, v = (parity.misaligned(t) for t in _qkv(2, 4, 77, 93, 64, dtype=dtype))
     with torch.no_grad():
         with ran_on("cuda", "attention"):
             out = FF.scaled_dot_product_attention(q, k, v)

@@ -291,15 +291,6 @@ def test_cuda_launcher_arguments_match_the_bindings(monkeypatch):
 # 16-bit dtypes or 4 for float32, 16-byte aligned pointers) and the scalar path it falls back to
 # (a pointer one element past a 16-byte boundary, F = 260 for 16-bit dtypes, odd F).
 
-def _misaligned(t):
-    """t's values, shape and strides in storage that starts one element past a 16-byte boundary."""
-    buf = torch.empty(t.untyped_storage().nbytes() // t.element_size() + 1, dtype=t.dtype, device=t.device)
-    out = buf.as_strided(t.shape, t.stride(), t.storage_offset() + 1)
-    out.copy_(t.detach())
-    assert out.data_ptr() % 16 != 0
-    return out.requires_grad_(t.requires_grad)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("F_,misaligned,bias32", [(256, False, False), (256, False, True), (256, True, False),
@@ -310,6 +301,6 @@ def test_cuda_vector_and_scalar_paths_gpu(dtype, F_, misaligned, bias32):
     x = parity.rand(67, F_, dtype=dtype, requires_grad=True)
     b = parity.rand(F_, dtype=torch.float32 if bias32 else dtype, requires_grad=True)
     if misaligned:
-        x, b = _misaligned(x), _misaligned(b)
+        x, b = parity.misaligned(x), parity.misaligned(b)
     for activation in ("gelu", "relu", None):
         check(x, b, activation, "cuda")

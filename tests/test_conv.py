@@ -25,6 +25,7 @@ from fastnets.nn import ConvAct2d, ConvBNAct2d
 from fastnets.nn.conv import fused_conv_bn_act
 from fastnets.ops import _activation as A
 from fastnets.ops import conv as conv_ops
+import parity
 from parity import (DEVICE, DOT_DTYPES, DTYPES, GPU, KERNEL_BACKENDS, assert_parity, assert_raises_like, rand,
                     ran_on, upcast)
 
@@ -829,15 +830,6 @@ def test_cuda_async_copy_and_gather_paths_gpu(case, dtype):
     _check(case, dtype, "contiguous", "nobn", "cuda")
 
 
-def _misaligned_copy(t):
-    """t's values, shape and strides in storage that starts one element past a 16-byte boundary."""
-    buf = torch.empty(t.untyped_storage().nbytes() // t.element_size() + 1, dtype=t.dtype, device=t.device)
-    out = buf.as_strided(t.shape, t.stride(), t.storage_offset() + 1)
-    out.copy_(t.detach())
-    assert out.data_ptr() % 16 != 0
-    return out
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_cuda_misaligned_input_takes_the_gather_path_gpu(dtype):
@@ -845,7 +837,7 @@ def test_cuda_misaligned_input_takes_the_gather_path_gpu(dtype):
         pytest.skip("fastnets._C sees no device")
     case = ASYNC_CASES[0]
     x, w, b, _, res, _ = _inputs(case, dtype, "channels_last", "nobn")
-    x, res = _misaligned_copy(x), _misaligned_copy(res)
+    x, res = parity.misaligned(x), parity.misaligned(res)
     kw = dict(stride=case.stride, padding=case.padding, groups=case.groups, activation=case.act)
     with torch.no_grad():
         with ran_on("cuda", "conv_bn_act"):

@@ -412,15 +412,6 @@ def test_cuda_launcher_arguments_match_the_bindings(monkeypatch):
 # 16-bit dtypes or 4 for float32, aligned pointers; warp rows up to 1024, block rows above) and the
 # scalar path it falls back to (N = 260 for 16-bit dtypes, odd N, a misaligned input).
 
-def _misaligned(t):
-    """t's values, shape and strides in storage that starts one element past a 16-byte boundary."""
-    buf = torch.empty(t.untyped_storage().nbytes() // t.element_size() + 1, dtype=t.dtype, device=t.device)
-    out = buf.as_strided(t.shape, t.stride(), t.storage_offset() + 1)
-    out.copy_(t.detach())
-    assert out.data_ptr() % 16 != 0
-    return out.requires_grad_(t.requires_grad)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", parity.DTYPES)
 @pytest.mark.parametrize("N", [256, 260, 255, 1536, 1540])
@@ -438,7 +429,7 @@ def test_cuda_vector_and_scalar_paths_gpu(dtype, N):
 def test_cuda_misaligned_input_gpu(dtype, N):
     if "cuda" not in KERNEL_BACKENDS:
         pytest.skip("fastnets._C sees no device")
-    x = _misaligned(parity.rand(37, N, dtype=dtype, requires_grad=True))
+    x = parity.misaligned(parity.rand(37, N, dtype=dtype, requires_grad=True))
     w = (1 + 0.5 * parity.rand(N, dtype=dtype)).requires_grad_()
     b = parity.rand(N, dtype=dtype, requires_grad=True)
     up = [parity.upcast(t) for t in (x, w, b)]

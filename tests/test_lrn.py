@@ -119,14 +119,6 @@ def test_expanded_grad_and_input(backend):
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
 
 
-def _misaligned(t):
-    """t's values in a view of the same strides whose data starts one element past 16 bytes."""
-    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
-    view = buf[1:].as_strided(t.shape, t.stride())
-    view.copy_(t)
-    return view
-
-
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_vector_paths_agree(backend, layout, monkeypatch):
@@ -147,9 +139,9 @@ def test_vector_paths_agree(backend, layout, monkeypatch):
         xs = x.detach().requires_grad_()
         ref_dx, = torch.autograd.grad(FF.local_response_norm(xs, 5, **PARAMS), xs, g)
         seen.clear()
-        xm = _misaligned(x).requires_grad_()
+        xm = parity.misaligned(x).requires_grad_()
         out_m = FF.local_response_norm(xm, 5, **PARAMS)
-        dx_m, = torch.autograd.grad(out_m, xm, _misaligned(g))
+        dx_m, = torch.autograd.grad(out_m, xm, parity.misaligned(g))
         assert seen == [1, 1], seen
         assert torch.equal(out_m, out) and torch.equal(dx_m, ref_dx)
         if layout == "channels_last":  # the path for more channels than one tile: shifted loads
@@ -375,15 +367,6 @@ def _patch_cuda_glue(monkeypatch):
 # dtypes or 4 for float32, aligned pointers, windows of at most 9 channels) and the scalar path it
 # falls back to (a misaligned input, C = 60 for 16-bit dtypes, odd C, size 11, NCHW).
 
-def _misaligned(t):
-    """t's values, shape and strides in storage that starts one element past a 16-byte boundary."""
-    buf = torch.empty(t.untyped_storage().nbytes() // t.element_size() + 1, dtype=t.dtype, device=t.device)
-    out = buf.as_strided(t.shape, t.stride(), t.storage_offset() + 1)
-    out.copy_(t.detach())
-    assert out.data_ptr() % 16 != 0
-    return out
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", parity.DTYPES)
 @pytest.mark.parametrize("C,misaligned,layout", [(64, False, "channels_last"), (64, True, "channels_last"),
@@ -394,5 +377,5 @@ def test_cuda_vector_and_scalar_paths_gpu(dtype, C, misaligned, layout, size):
     if "cuda" not in parity.KERNEL_BACKENDS:
         pytest.skip("fastnets._C sees no device")
     x = parity.rand(3, C, 5, 7, dtype=dtype, layout=layout)
-    check(_misaligned(x) if misaligned else x, size, "cuda")
-    check(_misaligned(x) if misaligned else x, size, "cuda", alpha=0.5, beta=0.0, k=2.0)
+    check(parity.misaligned(x) if misaligned else x, size, "cuda")
+    check(parity.misaligned(x) if misaligned else x, size, "cuda", alpha=0.5, beta=0.0, k=2.0)

@@ -662,15 +662,6 @@ def test_int64_indexing_gpu(backend):
 # of 8 for 16-bit dtypes or 4 for float32, aligned pointers) and the scalar path it falls back to
 # (a pointer one element past a 16-byte boundary, C = 60 for 16-bit dtypes, odd C, NCHW).
 
-def _misaligned(t):
-    """t's values, shape and strides in storage that starts one element past a 16-byte boundary."""
-    buf = torch.empty(t.untyped_storage().nbytes() // t.element_size() + 1, dtype=t.dtype, device=t.device)
-    out = buf.as_strided(t.shape, t.stride(), t.storage_offset() + 1)
-    out.copy_(t.detach())
-    assert out.data_ptr() % 16 != 0
-    return out
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", parity.DTYPES)
 @pytest.mark.parametrize("C,misaligned,layout", [(64, False, "channels_last"), (64, True, "channels_last"),
@@ -683,7 +674,7 @@ def test_cuda_vector_and_scalar_paths_gpu(dtype, C, misaligned, layout, training
     shape = (3, C, 5, 7)
     x = parity.rand(*shape, dtype=dtype, layout=layout)
     if misaligned:
-        x = _misaligned(x)
+        x = parity.misaligned(x)
     for act in ("relu", "silu"):
         check(shape, "cuda", dtype=dtype, layout=layout, act=act, training=training, x=x.detach().clone()
-              if not misaligned else _misaligned(x))
+              if not misaligned else parity.misaligned(x))

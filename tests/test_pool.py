@@ -14,6 +14,7 @@ import fastnets
 from fastnets import functional as FF
 from fastnets import nn as fnn
 from fastnets.ops import pool as P
+import parity
 from parity import (DEVICE, DTYPES, KERNEL_BACKENDS, LAYOUTS, assert_parity, assert_raises_like, ran_on, rand,
                     upcast)
 
@@ -673,15 +674,6 @@ def test_gpu_compile_fullgraph(backend):
 # thread, int64 indices two per 128-bit access) and the narrower or scalar paths they fall back to
 # (a misaligned input, C = 60 or odd C).
 
-def _misaligned(t):
-    """t's values, shape and strides in storage that starts one element past a 16-byte boundary."""
-    buf = torch.empty(t.untyped_storage().nbytes() // t.element_size() + 1, dtype=t.dtype, device=t.device)
-    out = buf.as_strided(t.shape, t.stride(), t.storage_offset() + 1)
-    out.copy_(t.detach())
-    assert out.data_ptr() % 16 != 0
-    return out.requires_grad_(t.requires_grad)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("C,misaligned", [(64, False), (64, True), (60, False), (33, False)])
@@ -690,7 +682,7 @@ def test_cuda_vector_and_scalar_paths_gpu(dtype, C, misaligned):
         pytest.skip("fastnets._C sees no device")
     x = rand(2, C, 11, 13, dtype=dtype, layout="channels_last", requires_grad=True)
     if misaligned:
-        x = _misaligned(x)
+        x = parity.misaligned(x)
     _check("max_pool2d", lambda t: FF.max_pool2d(t, 3, 2, 1, return_indices=True),
            lambda t: F.max_pool2d(t, 3, 2, 1, return_indices=True), x, "cuda", indices=True)
     _check("avg_pool2d", lambda t: FF.avg_pool2d(t, 3, 2, 1), lambda t: F.avg_pool2d(t, 3, 2, 1), x, "cuda")
