@@ -11,21 +11,19 @@ Each test also measures what fuse() replaced: the stock batch-norm, layer-norm a
 eval forward of the stock model, and how many of them still run as stock calls in the fused model
 (calls made inside fastnets' own ops do not count). The fractions are printed, recorded as test
 properties, and appended to the file named by FASTNETS_FUSE_COVERAGE when it is set. No threshold
-is asserted here (tests/test_fuse.py owns the coverage asserts)."""
+is asserted here (tests/test_fuse_coverage.py owns the coverage asserts)."""
 from __future__ import annotations
 
 import copy
 import json
 import os
-import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 import _thirdparty
+from _coverage import coverage, format_coverage
 import fastnets
 import parity
 from fastnets import _dispatch
@@ -58,52 +56,15 @@ def _train_step(name, check):
 # ----------------------------------------------------------------------------------------------
 # Coverage: stock normalization and attention calls, before and after fuse().
 
-_COUNTED = {F.batch_norm: "batch_norm", F.layer_norm: "layer_norm", F.scaled_dot_product_attention: "attention",
-            F.multi_head_attention_forward: "attention"}
-
-
-class _StockCalls(TorchFunctionMode):
-    """Counts the calls of _COUNTED made from model code (not from inside fastnets' ops: the
-    first caller outside torch and this file decides)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = {"batch_norm": 0, "layer_norm": 0, "attention": 0}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kind = _COUNTED.get(func)
-        if kind is not None and not self._from_fastnets():
-            self.counts[kind] += 1
-        return func(*args, **(kwargs or {}))
-
-    @staticmethod
-    def _from_fastnets() -> bool:
-        frame = sys._getframe(2)
-        while frame is not None:
-            name = frame.f_globals.get("__name__", "")
-            if not (name == "torch" or name.startswith("torch.") or name == __name__):
-                return name.startswith("fastnets")
-            frame = frame.f_back
-        return False
-
-
-def _stock_calls(model, x):
-    with torch.no_grad(), _StockCalls() as mode:
-        model.eval()(x)
-    return mode.counts
-
-
 def _coverage(name, stock, fused, x, record_property):
-    before, after = _stock_calls(stock, x), _stock_calls(fused, x)
+    """Per model: stock batch-norm, layer-norm and attention calls that fuse() replaced, counted in
+    one eval forward of each model (tests/_coverage.py: outermost calls, none from inside fastnets'
+    ops, none on the fx proxies of a call-time trace)."""
+    cov = coverage(stock.eval(), fused.eval(), x)
     row = {"model": name}
-    for kind in before:
-        # replaced/stock calls; when the fused model makes more stock calls than the stock one
-        # (a rewrite that calls the stock function besides its own), both counts are shown
-        if after[kind] > before[kind]:
-            row[kind] = f"0/{before[kind]} ({after[kind]} stock calls after fuse)"
-        else:
-            row[kind] = f"{before[kind] - after[kind]}/{before[kind]}" if before[kind] else "-"
-    print(f"fuse coverage {name}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "model"))
+    for kind, key in (("batch-norm", "batch_norm"), ("layer-norm", "layer_norm"), ("attention", "attention")):
+        row[key] = f"{cov[kind][0]}/{cov[kind][1]}" if kind in cov else "-"
+    print(f"fuse coverage {name}: {format_coverage(cov)}")
     record_property("fuse_coverage", row)
     path = os.environ.get("FASTNETS_FUSE_COVERAGE")
     if path:
