@@ -1,16 +1,15 @@
-// Fused convolution kernels (declared in conv.h): implicit GEMM with WMMA tensor cores for
-// fp16/bf16 (float32 accumulate) and an FMA-tiled path for fp32, a direct depthwise kernel, the
-// statistics finalize (Chan's merge) and the activation gradient. Simple on purpose: one tile
+// Fused convolution kernels (declared in conv.h): implicit GEMM with tensor cores (ldmatrix +
+// mma.sync.m16n8k16, csrc/mma_sync.h) for fp16/bf16 (float32 accumulate) and an FMA-tiled path
+// for fp32, a direct depthwise kernel, the statistics finalize (Chan's merge) and the activation gradient. Simple on purpose: one tile
 // shape, operands staged through shared memory, every index that can pass 2^31 in int64. The 16-bit
 // GEMM has an asynchronous-copy fast path (conv_gemm_async_kernel) for channels_last inputs and
 // OHWI weights with channel counts that are multiples of 8.
-#include <mma.h>
-
 #include <climits>
 #include <type_traits>
 
 #include "activation.h"
 #include "conv.h"
+#include "mma_sync.h"
 #include "vec.h"
 
 namespace fastnets {
@@ -24,6 +23,7 @@ struct ConvParams {
   int64_t sx[4], sw[4], sr[4], sy[4];  // strides (elements) of x, w, residual, y (and z)
   int stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
   int act;
+  bool res_vec;  // residual channels contiguous, Kg and its other strides multiples of 8, 16-byte aligned
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -59,27 +59,31 @@ __device__ __forceinline__ void setup_rows(const ConvParams& p, int64_t m0, int6
   }
 }
 
-// The epilogue of a BM x BN tile of accumulators Cs: bias, statistics (training), residual,
-// pre-activation, activation, stores. Ends with no barrier pending; every thread calls it.
+// The bias of output channel n0 + c of group g (0 past Kg or without bias).
+__device__ __forceinline__ float bias_at(const ConvParams& p, const float* __restrict__ bias, int64_t n0, int64_t g,
+                                         int c) {
+  return (bias != nullptr && n0 + c < p.Kg) ? bias[g * p.Kg + n0 + c] : 0.f;
+}
+
+// An accumulator on its way to Cs: bias added; in training, the value rounded to the output dtype
+// (the statistics are those of the stored conv output, which the batch-norm normalizes, as torch's
+// batch-norm sees them).
+template <class T>
+__device__ __forceinline__ float finish_acc(float v, float b, bool round) {
+  v += b;
+  return round ? to_float(from_float<T>(v)) : v;
+}
+
+// The epilogue of a BM x BN tile Cs (accumulators with bias, already rounded in training):
+// statistics (training), residual, pre-activation, activation, stores. The residual comes from Rs
+// ([BM][BN + 8], staged by the caller) when Rs is not null, else from global memory. Ends with no
+// barrier pending; every thread calls it.
 template <class T>
 __device__ __forceinline__ void conv_epilogue(const ConvParams& p, float (*Cs)[BN + 4], const int64_t* row_n,
                                               const int* row_oh, const int* row_ow, int64_t m0, int64_t n0,
-                                              int64_t g, const float* __restrict__ bias, const T* __restrict__ res,
-                                              T* __restrict__ y, T* __restrict__ z, float* __restrict__ pmean,
-                                              float* __restrict__ pm2) {
+                                              int64_t g, const T* __restrict__ res, const T* Rs, T* __restrict__ y,
+                                              T* __restrict__ z, float* __restrict__ pmean, float* __restrict__ pm2) {
   const int tid = threadIdx.x;
-  // Epilogue 1: bias; in training, the value rounded to the output dtype (the statistics are those
-  // of the stored conv output, which the batch-norm normalizes, as torch's batch-norm sees them).
-  if (bias != nullptr || pmean != nullptr) {
-    for (int idx = tid; idx < BM * BN; idx += kThreads) {
-      const int r = idx / BN, c = idx % BN;
-      float v = Cs[r][c];
-      if (bias != nullptr && n0 + c < p.Kg) v += bias[g * p.Kg + n0 + c];
-      if (pmean != nullptr) v = to_float(from_float<T>(v));
-      Cs[r][c] = v;
-    }
-    __syncthreads();
-  }
   // Epilogue 2 (training): this tile's per-channel mean and M2 over its valid rows.
   if (pmean != nullptr) {
     const int rows = static_cast<int>(p.M - m0 < BM ? p.M - m0 : BM);
@@ -104,7 +108,9 @@ __device__ __forceinline__ void conv_epilogue(const ConvParams& p, float (*Cs)[B
     if (row_n[r] < 0 || n0 + c >= p.Kg) continue;
     const int64_t co = g * p.Kg + n0 + c;
     float v = Cs[r][c];
-    if (res != nullptr)
+    if (Rs != nullptr)
+      v += to_float(Rs[r * (BN + 8) + c]);
+    else if (res != nullptr)
       v += to_float(res[row_n[r] * p.sr[0] + co * p.sr[1] + row_oh[r] * p.sr[2] + row_ow[r] * p.sr[3]]);
     const int64_t off = row_n[r] * p.sy[0] + co * p.sy[1] + row_oh[r] * p.sy[2] + row_ow[r] * p.sy[3];
     if (z != nullptr) z[off] = from_float<T>(v);
@@ -112,17 +118,66 @@ __device__ __forceinline__ void conv_epilogue(const ConvParams& p, float (*Cs)[B
   }
 }
 
+// The warp's 32 x 32 share of a tile, one 16-deep step of k: acc[i][j] += A[i * 16.., k 0..15] *
+// B[k 0..15, j * 8..] with acc[i][j] in the mma C layout (rows i * 16 + {g, g + 8}, columns j * 8 +
+// {2t, 2t + 1} of the warp's block; csrc/mma_sync.h). a: the warp's first row of A (A[m][k] =
+// a[m * lda + k], row-major); b: the warp's first column of B, stored n-major (b[n * ldb + k]) if
+// kBnk, else k-major (b[k * ldb + n]). Two ldmatrix.x4 for A (one per 16 rows), two for B (16
+// columns each: n8 fragments j = 2jj and 2jj + 1), eight mma.sync.
+template <class T, bool kBnk>
+__device__ __forceinline__ void warp_mma_k16(float (&acc)[2][4][4], const T* a, int lda, const T* b, int ldb) {
+  uint32_t af[2][4], bf[2][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) load_a_frag(af[i], a + i * 16 * lda, lda);
+#pragma unroll
+  for (int jj = 0; jj < 2; ++jj) {
+    if constexpr (kBnk)
+      load_b_frags_nk(bf[jj], b + jj * 16 * ldb, ldb);
+    else
+      load_b_frags_kn(bf[jj], b + jj * 16, ldb);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) mma_16816<T>(acc[i][j], af[i], bf[j >> 1][(j & 1) * 2], bf[j >> 1][(j & 1) * 2 + 1]);
+}
+
+// The warp (wm, wn)'s accumulators (rows wm * 32.., columns wn * 32..) into Cs, bias added and
+// rounded to T in training (finish_acc). The bias loads are unrolled, outside every loop.
+template <class T>
+__device__ __forceinline__ void warp_acc_to_smem(const ConvParams& p, float (*Cs)[BN + 4], const float (&acc)[2][4][4],
+                                                 int wm, int wn, int64_t n0, int64_t g, const float* __restrict__ bias,
+                                                 bool round) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int c = wn * 32 + j * 8 + acc_col();
+    const float b0 = bias_at(p, bias, n0, g, c), b1 = bias_at(p, bias, n0, g, c + 1);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = wm * 32 + i * 16 + acc_row();
+      *reinterpret_cast<float2*>(&Cs[r][c]) =
+          make_float2(finish_acc<T>(acc[i][j][0], b0, round), finish_acc<T>(acc[i][j][1], b1, round));
+      *reinterpret_cast<float2*>(&Cs[r + 8][c]) =
+          make_float2(finish_acc<T>(acc[i][j][2], b0, round), finish_acc<T>(acc[i][j][3], b1, round));
+    }
+  }
+}
+
 // x [N, C, H, W] (strides p.sx), w [K, Cg, KH, KW] (p.sw), bias [K] float32 or null, res
 // [N, K, OH, OW] (p.sr) or null, y [N, K, OH, OW] (p.sy), z (y's strides) or null, pmean/pm2
 // [gridDim.x, K] float32 or null (training). Grid (ceil(M/BM), ceil(Kg/BN), groups), 128 threads.
+// The element gather for every layout and dtype (the fallback of conv_gemm_async_kernel).
 template <class T, bool kMma>
 __global__ void __launch_bounds__(kThreads)
 conv_gemm_kernel(ConvParams p, const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ bias,
                  const T* __restrict__ res, T* __restrict__ y, T* __restrict__ z, float* __restrict__ pmean,
                  float* __restrict__ pm2) {
   using S = typename std::conditional<kMma, T, float>::type;  // shared-memory operand type
-  __shared__ __align__(32) S As[BM][BK + 8];    // A tile [m][k]; ldm a multiple of 8 (WMMA)
-  __shared__ __align__(32) S Bs[BK][BN + 8];    // B tile [k][n]
+  // Row lengths: 40 and 72 elements (80 and 144 bytes for 16-bit types): multiples of 16 bytes, so
+  // every ldmatrix row address is 16-byte aligned, and 8 consecutive rows hit 8 different 16-byte
+  // bank groups (80 / 16 = 5 and 144 / 16 = 9 are odd).
+  __shared__ __align__(128) S As[BM][BK + 8];   // A tile [m][k]
+  __shared__ __align__(128) S Bs[BK][BN + 8];   // B tile [k][n] (k-major: ldmatrix.trans for mma)
   __shared__ __align__(32) float Cs[BM][BN + 4];  // accumulators for the epilogue
   __shared__ int64_t row_x[BM];                 // x offset of the row's image and group
   __shared__ int row_ih[BM], row_iw[BM];        // top-left input coordinate of the row's window
@@ -138,18 +193,19 @@ conv_gemm_kernel(ConvParams p, const T* __restrict__ x, const T* __restrict__ w,
   setup_rows(p, m0, g, row_x, row_ih, row_iw, row_n, row_oh, row_ow);
 
   const int64_t Ktot = p.KH * p.KW * p.Cg;
-  // WMMA: warp (wm, wn) owns rows wm*32..+32 and columns wn*32..+32 as 2x2 fragments of 16x16.
+  // mma: warp (wm, wn) owns rows wm*32..+32 and columns wn*32..+32 (warp_mma_k16).
   // FMA: thread (tr, tc) owns rows tr*4..+4 and columns tc*8..+8.
   const int warp = tid / 32, wm = warp / 2, wn = warp % 2;
   const int tr = tid / 8, tc = tid % 8;
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> cf[2][2];
-  float acc[4][8];
+  float acc[2][4][4];  // mma
+  float facc[4][8];    // FMA
   if constexpr (kMma) {
     for (int i = 0; i < 2; ++i)
-      for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(cf[i][j], 0.f);
+      for (int j = 0; j < 4; ++j)
+        for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
   } else {
     for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
+      for (int j = 0; j < 8; ++j) facc[i][j] = 0.f;
   }
 
   for (int64_t k0 = 0; k0 < Ktot; k0 += BK) {
@@ -196,65 +252,65 @@ conv_gemm_kernel(ConvParams p, const T* __restrict__ x, const T* __restrict__ w,
     }
     __syncthreads();
     if constexpr (kMma) {
-      for (int kk = 0; kk < BK; kk += 16) {
-        nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> af[2];
-        nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::row_major> bf[2];
-        for (int i = 0; i < 2; ++i) nvcuda::wmma::load_matrix_sync(af[i], &As[wm * 32 + i * 16][kk], BK + 8);
-        for (int j = 0; j < 2; ++j) nvcuda::wmma::load_matrix_sync(bf[j], &Bs[kk][wn * 32 + j * 16], BN + 8);
-        for (int i = 0; i < 2; ++i)
-          for (int j = 0; j < 2; ++j) nvcuda::wmma::mma_sync(cf[i][j], af[i], bf[j], cf[i][j]);
-      }
+#pragma unroll
+      for (int kk = 0; kk < BK; kk += 16)
+        warp_mma_k16<T, false>(acc, &As[wm * 32][kk], BK + 8, &Bs[kk][wn * 32], BN + 8);
     } else {
       for (int kk = 0; kk < BK; ++kk) {
         float a[4], b[8];
         for (int i = 0; i < 4; ++i) a[i] = As[tr * 4 + i][kk];
         for (int j = 0; j < 8; ++j) b[j] = Bs[kk][tc * 8 + j];
         for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+          for (int j = 0; j < 8; ++j) facc[i][j] = fmaf(a[i], b[j], facc[i][j]);
       }
     }
     __syncthreads();
   }
 
   if constexpr (kMma) {
-    for (int i = 0; i < 2; ++i)
-      for (int j = 0; j < 2; ++j)
-        nvcuda::wmma::store_matrix_sync(&Cs[wm * 32 + i * 16][wn * 32 + j * 16], cf[i][j], BN + 4,
-                                        nvcuda::wmma::mem_row_major);
+    warp_acc_to_smem<T>(p, Cs, acc, wm, wn, n0, g, bias, pmean != nullptr);
   } else {
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 8; ++j) Cs[tr * 4 + i][tc * 8 + j] = acc[i][j];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float bj = bias_at(p, bias, n0, g, tc * 8 + j);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) Cs[tr * 4 + i][tc * 8 + j] = finish_acc<T>(facc[i][j], bj, pmean != nullptr);
+    }
   }
   __syncthreads();
 
-  conv_epilogue<T>(p, Cs, row_n, row_oh, row_ow, m0, n0, g, bias, res, y, z, pmean, pm2);
+  conv_epilogue<T>(p, Cs, row_n, row_oh, row_ow, m0, n0, g, res, nullptr, y, z, pmean, pm2);
 }
 
 // ---------------------------------------------------------------------------------------------
 // The fast path of the implicit GEMM for 16-bit types: both operands arrive in shared memory by
 // 16-byte asynchronous copies (cp.async.cg, LDGSTS.128), double-buffered so that tile t + 1 loads
-// while the tensor cores work on tile t; WMMA fragments are read from shared memory (LDSM) and
-// multiplied (HMMA). Taken when the input's channels are contiguous (channels_last) and the weights'
-// input channels too (OHWI), Cg and every other stride multiples of 8, and both pointers 16-byte
-// aligned: then 8 consecutive k = (kh, kw, ci..ci+7) of a tile are 16 contiguous bytes in both.
-// Out-of-range chunks (padding, rows past M, k past K, channels past Kg) are zero-filled by the
-// copy (source size 0). The B tile is kept [n][k] (WMMA col_major) so its chunks are contiguous.
+// while the tensor cores work on tile t; fragments are read from shared memory by ldmatrix (LDSM)
+// and multiplied by mma.sync (HMMA). Taken when the input's channels are contiguous (channels_last)
+// and the weights' input channels too (OHWI), Cg and every other stride multiples of 8, and both
+// pointers 16-byte aligned: then 8 consecutive k = (kh, kw, ci..ci+7) of a tile are 16 contiguous
+// bytes in both. Out-of-range chunks (padding, rows past M, k past K, channels past Kg) are
+// zero-filled by the copy (source size 0). The B tile is kept [n][k] (n-major: plain ldmatrix gives
+// the mma's "col" B fragments) so its chunks are contiguous. The residual tile (if any) is staged in
+// shared memory after the main loop, by 16-byte copies when p.res_vec.
 constexpr int kChunk = 8;                      // elements per 16-byte copy
 constexpr int kChunksPerRow = BK / kChunk;     // 4
 constexpr int kLd = BK + 8;                    // shared row length: 80 bytes, a multiple of 16
+constexpr int kLdR = BN + 8;                   // the staged residual's row length: 144 bytes
 
 template <class T>
 __global__ void __launch_bounds__(kThreads)
 conv_gemm_async_kernel(ConvParams p, const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ bias,
                        const T* __restrict__ res, T* __restrict__ y, T* __restrict__ z, float* __restrict__ pmean,
                        float* __restrict__ pm2) {
-  __shared__ __align__(128) T As[2][BM][kLd];  // A tiles [stage][m][k]
+  __shared__ __align__(128) T As[2][BM][kLd];  // A tiles [stage][m][k]; the residual tile after the loop
   __shared__ __align__(128) T Bs[2][BN][kLd];  // B tiles [stage][n][k]
   __shared__ __align__(32) float Cs[BM][BN + 4];
   __shared__ int64_t row_x[BM];
   __shared__ int row_ih[BM], row_iw[BM];
   __shared__ int64_t row_n[BM];
   __shared__ int row_oh[BM], row_ow[BM];
+  static_assert(BM * kLdR <= 2 * BM * kLd, "the residual tile fits in the A stages");
 
   const int tid = threadIdx.x;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM;
@@ -295,9 +351,13 @@ conv_gemm_async_kernel(ConvParams p, const T* __restrict__ x, const T* __restric
   };
 
   const int warp = tid / 32, wm = warp / 2, wn = warp % 2;
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> cf[2][2];
+  float acc[2][4][4];  // warp (wm, wn): rows wm*32..+32, columns wn*32..+32 (warp_mma_k16)
+#pragma unroll
   for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(cf[i][j], 0.f);
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
   load_tile(0, 0);
   cp_async_commit();
@@ -310,24 +370,40 @@ conv_gemm_async_kernel(ConvParams p, const T* __restrict__ x, const T* __restric
     cp_async_wait<1>();  // this thread's copies of tile t have landed
     __syncthreads();     // ... and every other thread's
 #pragma unroll
-    for (int kk = 0; kk < BK; kk += 16) {
-      nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, T, nvcuda::wmma::row_major> af[2];
-      nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, T, nvcuda::wmma::col_major> bf[2];
-      for (int i = 0; i < 2; ++i) nvcuda::wmma::load_matrix_sync(af[i], &As[stage][wm * 32 + i * 16][kk], kLd);
-      for (int j = 0; j < 2; ++j) nvcuda::wmma::load_matrix_sync(bf[j], &Bs[stage][wn * 32 + j * 16][kk], kLd);
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j) nvcuda::wmma::mma_sync(cf[i][j], af[i], bf[j], cf[i][j]);
-    }
+    for (int kk = 0; kk < BK; kk += 16)
+      warp_mma_k16<T, true>(acc, &As[stage][wm * 32][kk], kLd, &Bs[stage][wn * 32][kk], kLd);
     __syncthreads();
   }
-  cp_async_wait<0>();
+  cp_async_wait<0>();  // only empty groups can be pending here
 
-  for (int i = 0; i < 2; ++i)
-    for (int j = 0; j < 2; ++j)
-      nvcuda::wmma::store_matrix_sync(&Cs[wm * 32 + i * 16][wn * 32 + j * 16], cf[i][j], BN + 4,
-                                      nvcuda::wmma::mem_row_major);
+  // The residual tile [BM][BN] into the A stages (free: the loop ended with a barrier), in flight
+  // while the accumulators go to Cs. Vector: one 16-byte copy per 8 channels of a row, zero past M
+  // and Kg (Kg a multiple of 8, so a chunk is all in or all out).
+  T* Rs = &As[0][0][0];
+  if (res != nullptr) {
+    if (p.res_vec) {
+      for (int idx = tid; idx < BM * (BN / kChunk); idx += kThreads) {
+        const int r = idx / (BN / kChunk), c = (idx % (BN / kChunk)) * kChunk;
+        const bool ok = row_n[r] >= 0 && n0 + c < p.Kg;
+        const T* src = ok ? res + row_n[r] * p.sr[0] + (g * p.Kg + n0 + c) + row_oh[r] * p.sr[2] + row_ow[r] * p.sr[3]
+                          : res;
+        cp_async16(Rs + r * kLdR + c, src, ok);
+      }
+      cp_async_commit();
+    } else {
+      for (int idx = tid; idx < BM * BN; idx += kThreads) {
+        const int r = idx / BN, c = idx % BN;
+        const int64_t co = g * p.Kg + n0 + c;
+        Rs[r * kLdR + c] = (row_n[r] >= 0 && n0 + c < p.Kg)
+                               ? res[row_n[r] * p.sr[0] + co * p.sr[1] + row_oh[r] * p.sr[2] + row_ow[r] * p.sr[3]]
+                               : from_float<T>(0.f);
+      }
+    }
+  }
+  warp_acc_to_smem<T>(p, Cs, acc, wm, wn, n0, g, bias, pmean != nullptr);
+  cp_async_wait<0>();
   __syncthreads();
-  conv_epilogue<T>(p, Cs, row_n, row_oh, row_ow, m0, n0, g, bias, res, y, z, pmean, pm2);
+  conv_epilogue<T>(p, Cs, row_n, row_oh, row_ow, m0, n0, g, res, res != nullptr ? Rs : nullptr, y, z, pmean, pm2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -490,6 +566,10 @@ void conv_fwd(std::uintptr_t x, const Shape& x_size, const Shape& x_stride, std:
                          p.sx[0] % kChunk == 0 && p.sx[2] % kChunk == 0 && p.sx[3] % kChunk == 0 &&
                          p.sw[0] % kChunk == 0 && p.sw[2] % kChunk == 0 && p.sw[3] % kChunk == 0 && x % 16 == 0 &&
                          w % 16 == 0;
+      // Its residual tile by 16-byte copies: channels contiguous, Kg (so every group's first
+      // channel) and the other strides multiples of 8, the pointer 16-byte aligned.
+      p.res_vec = res != 0 && p.sr[1] == 1 && p.Kg % kChunk == 0 && p.sr[0] % kChunk == 0 &&
+                  p.sr[2] % kChunk == 0 && p.sr[3] % kChunk == 0 && res % 16 == 0;
       if constexpr (kMma) {
         if (async) {
           conv_gemm_async_kernel<T><<<grid, kThreads, 0, s>>>(p, xp, wp, b, rp, yp, zp, pmn, pm2p);

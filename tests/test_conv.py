@@ -846,3 +846,33 @@ def test_cuda_misaligned_input_takes_the_gather_path_gpu(dtype):
         stock = F.relu(F.conv2d(x, w, b, case.stride, case.padding) + res)
     assert_parity(out, ref, stock)
 
+
+# The fast path's residual tile, staged in shared memory after the main loop: by 16-byte copies
+# (channels_last residual, Kg a multiple of 8; grouped, so each group's channel offset is used) or
+# element by element (Kg not a multiple of 8, an NCHW residual, a misaligned residual), the input
+# itself always on the fast path (channels_last, Cg a multiple of 8, aligned). Bias included.
+RES_STAGING = [("vec_grouped_kg24", Case("g2_kg24", 2, 32, (9, 7), 48, 3, padding=1, groups=2, bias=True,
+                                         residual=True), "keep"),
+               ("elem_kg18", Case("g2_kg18", 2, 32, (9, 7), 36, 3, padding=1, groups=2, bias=True, residual=True),
+                "keep"),
+               ("elem_nchw_residual", ASYNC_CASES[0], "nchw"),
+               ("elem_misaligned_residual", ASYNC_CASES[0], "misaligned")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name,case,res_form", RES_STAGING, ids=[r[0] for r in RES_STAGING])
+def test_cuda_async_residual_staging_gpu(name, case, res_form, dtype):
+    if "cuda" not in KERNEL_BACKENDS:
+        pytest.skip("fastnets._C sees no device")
+    x, w, b, _, res, _ = _inputs(case, dtype, "channels_last", "nobn")
+    x, w, b, res = x.detach(), w.detach(), b.detach(), res.detach()
+    res = {"keep": res, "nchw": res.contiguous(), "misaligned": parity.misaligned(res)}[res_form]
+    kw = dict(stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups)
+    with torch.no_grad():
+        with ran_on("cuda", "conv_bn_act"):
+            out = conv_bn_act(x, w, b, residual=res, activation=case.act, **kw)
+        ref = F.relu(F.conv2d(upcast(x), upcast(w), upcast(b), **kw) + upcast(res))
+        stock = F.relu(F.conv2d(x, w, b, **kw) + res)
+    assert_parity(out, ref, stock)
+
