@@ -118,8 +118,9 @@ __device__ __forceinline__ float pre_activation(const T* __restrict__ x, const T
 // Training statistics.
 
 // V = 1: one channel per thread, any strides. V = vec_width<T>() (channels_last, channel stride 1,
-// C and the other strides multiples of V, x aligned): V neighbouring channels per thread, one
-// 128-bit load per row; per channel the same operations in the same order.
+// C and the other strides multiples of V, x, pmean and pm2 aligned): V neighbouring channels per
+// thread, one 128-bit load per row (and for the shifts), the float32 partials by 128-bit stores; per
+// channel the same operations in the same order.
 template <class T, class I, int V>
 __global__ void stats_partial_kernel(const T* __restrict__ x, Geo<I> g, View<I> sx, I rows_per,
                                      float* __restrict__ pmean, float* __restrict__ pm2) {
@@ -133,8 +134,13 @@ __global__ void stats_partial_kernel(const T* __restrict__ x, Geo<I> g, View<I> 
 #pragma unroll
   for (int j = 0; j < V; ++j) mean[j] = m2[j] = k[j] = 0.f;
   if (c < g.C) {
+    if constexpr (V == 1) {
+      k[0] = shift_of(x, c, sx.c);
+    } else {  // channel stride 1 on the vector path: the V shifts by one 128-bit load
+      load_vec<V>(x + c, k);
 #pragma unroll
-    for (int j = 0; j < V; ++j) k[j] = shift_of(x, c + j, sx.c);
+      for (int j = 0; j < V; ++j) k[j] = fabsf(k[j]) < INFINITY ? k[j] : 0.f;
+    }
     for (I r = r0 + tr; r < r1; r += TR) {  // Welford on x - K, one value at a time
       const I n = r / g.S;
       float v[V];
@@ -174,11 +180,19 @@ __global__ void stats_partial_kernel(const T* __restrict__ x, Geo<I> g, View<I> 
     __syncthreads();
   }
   if (tr == 0 && c < g.C) {
+    const int64_t out = static_cast<int64_t>(p) * g.C + c;
+    if constexpr (V == 1) {
+      pmean[out] = sh_mean[tc];
+      pm2[out] = sh_m2[tc];
+    } else {  // C a multiple of V and pmean/pm2 16-byte aligned (vector_path): float32 partials by 128-bit stores
+      float mo[V], qo[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const int64_t out = static_cast<int64_t>(p) * g.C + c + j;
-      pmean[out] = sh_mean[tc * V + j];
-      pm2[out] = sh_m2[tc * V + j];
+      for (int j = 0; j < V; ++j) {
+        mo[j] = sh_mean[tc * V + j];
+        qo[j] = sh_m2[tc * V + j];
+      }
+      store_vec<V>(pmean + out, mo);
+      store_vec<V>(pm2 + out, qo);
     }
   }
 }
@@ -506,7 +520,7 @@ void launch_stats_partial(std::uintptr_t x, const Shape& dims, const Shape& sx, 
                           std::uintptr_t pmean, std::uintptr_t pm2, int64_t P, int64_t rows_per, int dtype,
                           cudaStream_t stream) {
   const Geo<I> g = geometry<I>(dims, channels_inner);
-  const bool vec = vector_path(dtype, channels_inner, dims, {{x, &sx}}, Channel{});
+  const bool vec = vector_path(dtype, channels_inner, dims, {{x, &sx}, {pmean, nullptr}, {pm2, nullptr}}, Channel{});
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     const auto launch = [&](auto v_tag) {

@@ -215,17 +215,12 @@ pool2d_backward_kernel(const T* __restrict__ gout, const int64_t* __restrict__ i
         if (g.is_max) {
           const int64_t* ip = idx + n * g.si[0] + c * g.si[1] + oh * g.si[2] + ow * g.si[3];
           int64_t iv[VEC];
-          if constexpr (VEC >= 2) {
-            if (g.idx_pairs) {  // two indices per 128-bit load
+          if constexpr (VEC >= 2) {  // two indices per 128-bit load (the launcher takes VEC > 1 only with pairs)
 #pragma unroll
-              for (int j = 0; j < VEC; j += 2) {
-                const longlong2 pr = reinterpret_cast<const longlong2*>(ip)[j / 2];
-                iv[j] = pr.x;
-                iv[j + 1] = pr.y;
-              }
-            } else {
-#pragma unroll
-              for (int j = 0; j < VEC; ++j) iv[j] = ip[j * g.si[1]];
+            for (int j = 0; j < VEC; j += 2) {
+              const longlong2 pr = reinterpret_cast<const longlong2*>(ip)[j / 2];
+              iv[j] = pr.x;
+              iv[j + 1] = pr.y;
             }
           } else {
             iv[0] = ip[0];
@@ -309,6 +304,51 @@ global_pool_rows_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t* _
   }
 }
 
+// NCHW planes of contiguous pixels, a whole number of 16-byte vectors each (flat, pixel stride 1,
+// R and the plane strides multiples of V = 16 / sizeof(T), x aligned): as global_pool_rows_kernel,
+// V neighbouring pixels per lane and 128-bit load; each lane still scans its pixels in increasing
+// order, and max_combine is a total order, so the result is torch's. The lanes' partials combine
+// through shared memory (lane 0, in lane order): warp shuffles would compile to divergence fallbacks
+// that branch back over the stores.
+template <class T, class I>
+__global__ void __launch_bounds__(kThreads)
+global_pool_rows_vec_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t* __restrict__ idx,
+                            GlobalGeom<I> g) {
+  constexpr int V = 16 / sizeof(T);
+  __shared__ float sval[kThreads];
+  __shared__ int64_t sidx[kThreads];
+  const int lane = threadIdx.x % 32, base = threadIdx.x - lane;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  for (int64_t plane = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32;
+       plane < static_cast<int64_t>(g.N) * g.C; plane += warps) {  // uniform within a warp
+    const I n = static_cast<I>(plane / g.C), c = static_cast<I>(plane % g.C);
+    const T* xp = x + n * g.sxn + c * g.sxc;
+    float v = g.is_max ? -INFINITY : 0.f;
+    int64_t i = kNoIndex;
+    for (I r = lane * V; r < g.R; r += 32 * V) {
+      float a[V];
+      load_vec<T, V>(xp + r, a);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        if (g.is_max) scan_step(v, i, a[j], r + j);
+        else v += a[j];
+      }
+    }
+    sval[threadIdx.x] = v;
+    sidx[threadIdx.x] = i;
+    __syncwarp();
+    if (lane == 0) {
+      for (int l = 1; l < 32; ++l) {
+        if (g.is_max) max_combine(v, i, sval[base + l], sidx[base + l]);
+        else v += sval[base + l];
+      }
+      out[n * g.son + c * g.soc] = from_float<T>(g.is_max ? v : v / static_cast<float>(g.R));
+      if (idx != nullptr) idx[n * g.sin + c * g.sic] = i;
+    }
+    __syncwarp();  // lane 0 has read the partials before the next plane overwrites them
+  }
+}
+
 // Channels-last planes: a block of 32 x VEC channels x 8 pixel slices; each thread scans its slice
 // (pixels r = slice, slice + 8, ...) for its VEC neighbouring channels (one 16-byte load per pixel
 // when VEC > 1: channel stride 1, C and the other strides multiples of VEC, x aligned), then the 8
@@ -355,8 +395,18 @@ global_pool_cols_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t* _
           if (g.is_max) max_combine(v[j], i[j], sval[k][tx * VEC + j], sidx[k][tx * VEC + j]);
           else v[j] += sval[k][tx * VEC + j];
         }
-        out[n * g.son + (c + j) * g.soc] = from_float<T>(g.is_max ? v[j] : v[j] / static_cast<float>(g.R));
-        if (idx != nullptr) idx[n * g.sin + (c + j) * g.sic] = i[j];
+        if (!g.is_max) v[j] /= static_cast<float>(g.R);
+      }
+      if constexpr (VEC == 1) {
+        out[n * g.son + c * g.soc] = from_float<T>(v[0]);
+        if (idx != nullptr) idx[n * g.sin + c * g.sic] = i[0];
+      } else {  // out's channels contiguous and aligned, the indices in pairs (global_pool2d): 128-bit stores
+        store_vec<T, VEC>(out + n * g.son + c, v);
+        if (idx != nullptr) {
+#pragma unroll
+          for (int j = 0; j < VEC; j += 2)
+            reinterpret_cast<longlong2*>(idx + n * g.sin + c)[j / 2] = make_longlong2(i[j], i[j + 1]);
+        }
       }
     }
     __syncthreads();
@@ -527,8 +577,11 @@ void pool2d_backward(std::uintptr_t grad_out, const Shape& go_shape, const Shape
   const bool idx_pairs = pairs_ok(is_max ? indices : 0, idx_strides);
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const int vec =
-        channels_last ? vec_width(gi_shape[1], sizeof(T), {{grad_out, &go_strides}, {grad_in, &gi_strides}}) : 1;
+    // The vector path of max pooling reads the indices two per 128-bit load (idx_pairs); without
+    // pairs, the scalar kernel.
+    const int vec = channels_last && (!is_max || idx_pairs)
+                        ? vec_width(gi_shape[1], sizeof(T), {{grad_out, &go_strides}, {grad_in, &gi_strides}})
+                        : 1;
     dispatch_vec(vec, [&](auto v) {
       constexpr int VEC = decltype(v)::value;
       if (narrow) {
@@ -552,6 +605,7 @@ namespace {
 template <class T, class I>
 void run_global(const T* x, T* out, int64_t* idx, const GlobalGeom<I>& g, bool channels_last, bool wide,
                 cudaStream_t s) {
+  // wide: 16 bytes per load (channels_last: of channels, out and idx stored 128-bit; NCHW: of pixels).
   if (channels_last) {
     constexpr int V = 16 / sizeof(T);
     if (wide) {  // 16 bytes of channels per thread
@@ -565,6 +619,11 @@ void run_global(const T* x, T* out, int64_t* idx, const GlobalGeom<I>& g, bool c
     FN_LAUNCH_CHECK("global_pool_cols_kernel");
   } else {
     const int64_t blocks = ceil_div(static_cast<int64_t>(g.N) * g.C, kThreads / 32);
+    if (wide) {
+      global_pool_rows_vec_kernel<T, I><<<grid_x(blocks), kThreads, 0, s>>>(x, out, idx, g);
+      FN_LAUNCH_CHECK("global_pool_rows_vec_kernel");
+      return;
+    }
     global_pool_rows_kernel<T, I><<<grid_x(blocks), kThreads, 0, s>>>(x, out, idx, g);
     FN_LAUNCH_CHECK("global_pool_rows_kernel");
   }
@@ -600,8 +659,17 @@ void global_pool2d(std::uintptr_t x, const Shape& x_shape, const Shape& x_stride
   int64_t* idx = is_max && indices ? as_ptr<int64_t>(indices) : nullptr;
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const bool wide = channels_last &&
-                      vec_width(x_shape[1], sizeof(T), {{x, &x_strides}}) == static_cast<int>(16 / sizeof(T));
+    constexpr int64_t V = 16 / sizeof(T);
+    // channels_last: x's channels by 16-byte vectors, out's channels contiguous and aligned, the
+    // indices (if any) in aligned pairs; NCHW: each plane contiguous, a whole number of vectors.
+    const bool wide =
+        channels_last
+            ? vec_width(x_shape[1], sizeof(T), {{x, &x_strides}}) == static_cast<int>(V) && out_strides[1] == 1 &&
+                  out_strides[0] % V == 0 && out % 16 == 0 &&
+                  (idx == nullptr || (idx_strides[1] == 1 && idx_strides[0] % 2 == 0 && indices % 16 == 0))
+            : x_strides[3] == 1 && (x_shape[2] == 1 || x_strides[2] == x_shape[3]) &&
+                  (x_shape[2] * x_shape[3]) % V == 0 && x_strides[0] % V == 0 && x_strides[1] % V == 0 &&
+                  x % 16 == 0;
     if (narrow) {
       run_global<T, int32_t>(as_ptr<const T>(x), as_ptr<T>(out), idx,
                              make_global_geom<int32_t>(x_shape, x_strides, out_strides, idx_strides, is_max),

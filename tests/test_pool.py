@@ -693,3 +693,25 @@ def test_cuda_vector_and_scalar_paths_gpu(dtype, C, misaligned):
            x, "cuda")
     _check("adaptive_max_pool2d", lambda t: FF.adaptive_max_pool2d(t, 1, return_indices=True),
            lambda t: F.adaptive_max_pool2d(t, 1, return_indices=True), x, "cuda", indices=True)
+
+
+# GPU: global pooling of NCHW planes (csrc/pool.cu global_pool_rows_vec_kernel: a plane of H * W
+# contiguous pixels, a whole number of 16-byte vectors, 8 (16-bit) or 4 (fp32) pixels per load) and
+# the scalar kernel it falls back to (H * W * itemsize not a multiple of 16, a misaligned input).
+# 40 x 40: several vectors per lane; ties and a NaN check torch's first-maximum / NaN rule.
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hw,misaligned", [((8, 6), False), ((40, 40), False), ((40, 40), True), ((7, 7), False),
+                                           ((1, 13), False)])
+def test_cuda_global_pool_nchw_vector_and_scalar_paths_gpu(dtype, hw, misaligned):
+    if "cuda" not in KERNEL_BACKENDS:
+        pytest.skip("fastnets._C sees no device")
+    x = rand(3, 5, *hw, dtype=dtype, layout="contiguous").round()  # integer values: ties in every plane
+    x[1, 2].view(-1)[-1] = float("nan")
+    x.requires_grad_()
+    if misaligned:
+        x = parity.misaligned(x)
+    _check("adaptive_avg_pool2d", lambda t: FF.adaptive_avg_pool2d(t, 1), lambda t: F.adaptive_avg_pool2d(t, 1),
+           x, "cuda")
+    _check("adaptive_max_pool2d", lambda t: FF.adaptive_max_pool2d(t, 1, return_indices=True),
+           lambda t: F.adaptive_max_pool2d(t, 1, return_indices=True), x, "cuda", indices=True)
