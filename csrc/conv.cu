@@ -413,7 +413,8 @@ constexpr int DW_TP = 64, DW_TC = 32, DW_ROWS = 8;
 
 // Arguments as conv_gemm_kernel (w [K, 1, KH, KW]); grid (ceil(M/DW_TP), ceil(K/DW_TC)), block
 // (DW_TC, DW_ROWS).
-template <class T>
+// I: the index type of the pixel decomposition (int32_t when M fits: no 64-bit division calls).
+template <class T, class I>
 __global__ void __launch_bounds__(DW_TC * DW_ROWS)
 conv_depthwise_kernel(ConvParams p, const T* __restrict__ x, const T* __restrict__ w,
                       const float* __restrict__ bias, const T* __restrict__ res, T* __restrict__ y,
@@ -421,14 +422,15 @@ conv_depthwise_kernel(ConvParams p, const T* __restrict__ x, const T* __restrict
   __shared__ float vals[DW_TP][DW_TC + 1];
   const int64_t c = static_cast<int64_t>(blockIdx.y) * DW_TC + threadIdx.x;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * DW_TP;
-  const int64_t mult = p.K / p.C;
-  const int64_t ci = c / mult;
-  const int64_t ohw = p.OH * p.OW;
+  const int mult = static_cast<int>(p.K) / static_cast<int>(p.C);  // K < 2^21 (the grid's limit)
+  const int64_t ci = static_cast<int>(c) / mult;
+  const I ohw = static_cast<I>(p.OH * p.OW), OW = static_cast<I>(p.OW);
   for (int r = threadIdx.y; r < DW_TP; r += DW_ROWS) {
     const int64_t m = m0 + r;
     if (m >= p.M || c >= p.K) continue;
-    const int64_t n = m / ohw, rem = m % ohw;
-    const int oh = static_cast<int>(rem / p.OW), ow = static_cast<int>(rem % p.OW);
+    const I mi = static_cast<I>(m), rem = mi % ohw;
+    const int64_t n = mi / ohw;
+    const int oh = static_cast<int>(rem / OW), ow = static_cast<int>(rem % OW);
     const T* xc = x + n * p.sx[0] + ci * p.sx[1];
     const T* wc = w + c * p.sw[0];
     float acc = 0.f;
@@ -470,6 +472,107 @@ conv_depthwise_kernel(ConvParams p, const T* __restrict__ x, const T* __restrict
   }
 }
 
+// The 128-bit path of conv_depthwise_kernel: one input channel per output channel (K == C), every
+// tensor's channels contiguous (x, y, z, residual in NHWC; w as [KH, KW, K], w_stride[0] == 1: the
+// launcher's copy), C and the other strides multiples of V = vec_width<T>(), every pointer (bias,
+// pmean, pm2 included) 16-byte aligned. A thread computes V neighbouring channels of one output
+// pixel, every load and store 16 bytes; a block DW_TP pixels (DW_VROWS rows of threads) x
+// DW_VTC * V channels. Per channel, the same operations in the same order as the scalar kernel.
+constexpr int DW_VTC = 8, DW_VROWS = 64;
+
+template <class T, class I>
+__global__ void __launch_bounds__(DW_VTC * DW_VROWS)
+conv_depthwise_vec_kernel(ConvParams p, const T* __restrict__ x, const T* __restrict__ w,
+                          const float* __restrict__ bias, const T* __restrict__ res, T* __restrict__ y,
+                          T* __restrict__ z, float* __restrict__ pmean, float* __restrict__ pm2) {
+  constexpr int V = vec_width<T>();
+  constexpr int TCH = DW_VTC * V;  // channels per block
+  __shared__ float vals[DW_TP][TCH + 1];
+  __shared__ float smean[TCH], sm2[TCH];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * DW_VTC + tx) * V;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * DW_TP;
+  const I ohw = static_cast<I>(p.OH * p.OW), OW = static_cast<I>(p.OW);
+  for (int r = ty; r < DW_TP; r += DW_VROWS) {
+    const int64_t m = m0 + r;
+    if (m >= p.M || c0 >= p.K) break;  // rows ascend: no later row of this thread is valid either
+    const I mi = static_cast<I>(m), rem = mi % ohw;
+    const int64_t n = mi / ohw;
+    const int oh = static_cast<int>(rem / OW), ow = static_cast<int>(rem % OW);
+    const T* xc = x + n * p.sx[0] + c0;
+    const T* wc = w + c0;
+    float acc[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) acc[j] = 0.f;
+    for (int kh = 0; kh < p.KH; ++kh) {
+      const int ih = oh * p.stride_h - p.pad_h + kh * p.dil_h;
+      if (ih < 0 || ih >= p.H) continue;
+      for (int kw = 0; kw < p.KW; ++kw) {
+        const int iw = ow * p.stride_w - p.pad_w + kw * p.dil_w;
+        if (iw < 0 || iw >= p.W) continue;
+        float xv[V], wv[V];
+        load_vec<V>(xc + ih * p.sx[2] + iw * p.sx[3], xv);
+        load_vec<V>(wc + kh * p.sw[2] + kw * p.sw[3], wv);
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[j] = fmaf(xv[j], wv[j], acc[j]);
+      }
+    }
+    if (bias != nullptr) {
+      float bv[V];
+      load_vec<V>(bias + c0, bv);
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc[j] += bv[j];
+    }
+    const int64_t off = n * p.sy[0] + c0 + oh * p.sy[2] + ow * p.sy[3];
+    if (pmean != nullptr) {  // training: statistics of the stored (rounded) values
+#pragma unroll
+      for (int j = 0; j < V; ++j) vals[r][tx * V + j] = to_float(from_float<T>(acc[j]));
+      store_vec<V>(y + off, acc);
+      continue;
+    }
+    if (res != nullptr) {
+      float rv[V];
+      load_vec<V>(res + n * p.sr[0] + c0 + oh * p.sr[2] + ow * p.sr[3], rv);
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc[j] += rv[j];
+    }
+    if (z != nullptr) store_vec<V>(z + off, acc);
+#pragma unroll
+    for (int j = 0; j < V; ++j) acc[j] = act_fwd(acc[j], p.act);
+    store_vec<V>(y + off, acc);
+  }
+  if (pmean == nullptr) return;
+  __syncthreads();
+  // One thread per channel of the block: the tile's mean and M2 (as the scalar kernel), then the
+  // block's channels by 128-bit stores.
+  const int t = ty * DW_VTC + tx;
+  const int64_t cb = static_cast<int64_t>(blockIdx.y) * TCH;
+  if (t < TCH && cb + t < p.K) {
+    const int rows = static_cast<int>(p.M - m0 < DW_TP ? p.M - m0 : DW_TP);
+    float s = 0.f;
+    for (int r = 0; r < rows; ++r) s += vals[r][t];
+    const float mean = s / rows;
+    float m2 = 0.f;
+    for (int r = 0; r < rows; ++r) {
+      const float d = vals[r][t] - mean;
+      m2 += d * d;
+    }
+    smean[t] = mean;
+    sm2[t] = m2;
+  }
+  __syncthreads();
+  if (ty == 0 && c0 < p.K) {
+    float mv[V], qv[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      mv[j] = smean[tx * V + j];
+      qv[j] = sm2[tx * V + j];
+    }
+    store_vec<V>(pmean + static_cast<int64_t>(blockIdx.x) * p.K + c0, mv);
+    store_vec<V>(pm2 + static_cast<int64_t>(blockIdx.x) * p.K + c0, qv);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // One thread per channel merges the tiles in order: deterministic, Chan's stable formula.
 __global__ void stats_finalize_kernel(const float* __restrict__ pmean, const float* __restrict__ pm2,
@@ -497,6 +600,24 @@ __global__ void act_grad_kernel(const T* __restrict__ dy, const T* __restrict__ 
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     dz[i] = from_float<T>(act_bwd(to_float(z[i]), to_float(dy[i]), act));
+}
+
+// The 128-bit path of act_grad_kernel (dy, z and dz 16-byte aligned): nv vectors of V =
+// vec_width<T>() elements, one per thread and iteration; the launcher gives the n % V tail to
+// act_grad_kernel.
+template <class T>
+__global__ void act_grad_vec_kernel(const T* __restrict__ dy, const T* __restrict__ z, T* __restrict__ dz,
+                                    int64_t nv, int act) {
+  constexpr int V = vec_width<T>();
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < nv;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float zv[V], gv[V];
+    load_vec<V>(z + i * V, zv);
+    load_vec<V>(dy + i * V, gv);
+#pragma unroll
+    for (int j = 0; j < V; ++j) zv[j] = act_bwd(zv[j], gv[j], act);
+    store_vec<V>(dz + i * V, zv);
+  }
 }
 
 }  // namespace
@@ -547,12 +668,36 @@ void conv_fwd(std::uintptr_t x, const Shape& x_size, const Shape& x_stride, std:
     const T* rp = as_ptr<const T>(res);
     T* yp = as_ptr<T>(y);
     T* zp = as_ptr<T>(z);
-    if (depthwise) {
+    // The depthwise 128-bit path: K == C, channels contiguous in every tensor (w as [KH, KW, K]), C
+    // and the other strides multiples of V, every pointer 16-byte aligned.
+    constexpr int64_t V = vec_width<T>();
+    const bool dw_vec = depthwise && p.K == p.C && p.C % V == 0 && p.sx[1] == 1 && p.sw[0] == 1 && p.sy[1] == 1 &&
+                        multiple({p.sx[0], p.sx[2], p.sx[3], p.sw[2], p.sw[3], p.sy[0], p.sy[2], p.sy[3]}, V) &&
+                        (res == 0 || (p.sr[1] == 1 && multiple({p.sr[0], p.sr[2], p.sr[3]}, V))) &&
+                        aligned({x, w, bias, res, y, z, pmean, pm2});
+    if (dw_vec) {
+      const int64_t gy = ceil_div(p.K, DW_VTC * V);
+      require(gy < 65536, "conv_fwd: too many channels for the depthwise grid");
+      require(ceil_div(p.M, DW_TP) <= 2147483647LL, "conv_fwd: too many output pixels");
+      dim3 grid(grid_x(ceil_div(p.M, DW_TP)), static_cast<unsigned>(gy));
+      if (p.M <= INT_MAX) {  // m < M: the pixel decomposition in int32
+        conv_depthwise_vec_kernel<T, int32_t>
+            <<<grid, dim3(DW_VTC, DW_VROWS), 0, s>>>(p, xp, wp, b, rp, yp, zp, pmn, pm2p);
+      } else {
+        conv_depthwise_vec_kernel<T, int64_t>
+            <<<grid, dim3(DW_VTC, DW_VROWS), 0, s>>>(p, xp, wp, b, rp, yp, zp, pmn, pm2p);
+      }
+      FN_LAUNCH_CHECK("conv_depthwise_vec_kernel");
+    } else if (depthwise) {
       const int64_t gy = ceil_div(p.K, DW_TC);
       require(gy < 65536, "conv_fwd: too many channels for the depthwise grid");
       dim3 grid(grid_x(ceil_div(p.M, DW_TP)), static_cast<unsigned>(gy));
       require(ceil_div(p.M, DW_TP) <= 2147483647LL, "conv_fwd: too many output pixels");
-      conv_depthwise_kernel<T><<<grid, dim3(DW_TC, DW_ROWS), 0, s>>>(p, xp, wp, b, rp, yp, zp, pmn, pm2p);
+      if (p.M <= INT_MAX) {
+        conv_depthwise_kernel<T, int32_t><<<grid, dim3(DW_TC, DW_ROWS), 0, s>>>(p, xp, wp, b, rp, yp, zp, pmn, pm2p);
+      } else {
+        conv_depthwise_kernel<T, int64_t><<<grid, dim3(DW_TC, DW_ROWS), 0, s>>>(p, xp, wp, b, rp, yp, zp, pmn, pm2p);
+      }
       FN_LAUNCH_CHECK("conv_depthwise_kernel");
     } else {
       const int64_t gy = ceil_div(p.Kg, BN);
@@ -601,9 +746,22 @@ void conv_act_grad(std::uintptr_t dy, std::uintptr_t z, std::uintptr_t dz, int64
   const int64_t blocks = ceil_div(n, threads) < 65536 * 8 ? ceil_div(n, threads) : 65536 * 8;
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    act_grad_kernel<T><<<grid_x(blocks), threads, 0, as_stream(stream)>>>(as_ptr<const T>(dy), as_ptr<const T>(z),
-                                                                         as_ptr<T>(dz), n, act);
-    FN_LAUNCH_CHECK("act_grad_kernel");
+    constexpr int64_t V = vec_width<T>();
+    // Aligned pointers: the whole vectors by the 128-bit kernel, the n % V tail by the scalar one.
+    const int64_t nv = aligned({dy, z, dz}) ? n / V : 0;
+    if (nv > 0) {
+      const int64_t vblocks = ceil_div(nv, threads) < 65536 * 8 ? ceil_div(nv, threads) : 65536 * 8;
+      act_grad_vec_kernel<T><<<grid_x(vblocks), threads, 0, as_stream(stream)>>>(
+          as_ptr<const T>(dy), as_ptr<const T>(z), as_ptr<T>(dz), nv, act);
+      FN_LAUNCH_CHECK("act_grad_vec_kernel");
+    }
+    const int64_t done = nv * V, rest = n - done;
+    if (rest > 0) {
+      const int64_t sblocks = ceil_div(rest, threads) < 65536 * 8 ? ceil_div(rest, threads) : 65536 * 8;
+      act_grad_kernel<T><<<grid_x(sblocks), threads, 0, as_stream(stream)>>>(
+          as_ptr<const T>(dy) + done, as_ptr<const T>(z) + done, as_ptr<T>(dz) + done, rest, act);
+      FN_LAUNCH_CHECK("act_grad_kernel");
+    }
   });
 }
 

@@ -876,3 +876,52 @@ def test_cuda_async_residual_staging_gpu(name, case, res_form, dtype):
         stock = F.relu(F.conv2d(x, w, b, **kw) + res)
     assert_parity(out, ref, stock)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the CUDA depthwise kernel's 128-bit path (csrc/conv.cu conv_depthwise_vec_kernel: one input
+# channel per output channel, channels contiguous in every tensor, the weight as the launcher's
+# [KH, KW, C] copy, C a multiple of 8 (16-bit) or 4 (fp32), aligned pointers; 8 or 4 channels per
+# thread) and the scalar kernel it falls back to (C = 20 for 16-bit dtypes, a channel multiplier of
+# 2, NCHW, a misaligned input); the activation gradient's 128-bit kernel with its scalar tail
+# (1 x 20 x 7 x 5 = 700 elements: 4 past the last 16-bit vector) and its misaligned fallback.
+DW_VEC_CASES = [Case("dwvec3x3s2_bias_res", 3, 40, (13, 11), 40, 3, stride=2, padding=1, groups=40, bias=True,
+                     act="silu", residual=True),
+                Case("dwvec5x5_dil_2blocks", 2, 72, (9, 10), 72, 5, padding=4, dilation=2, groups=72, act="relu6"),
+                Case("dw_c20_tail", 1, 20, (7, 5), 20, 3, padding=1, groups=20, act="gelu", residual=True),
+                Case("dw_mult2", 2, 16, (7, 6), 32, 3, padding=1, groups=16, bias=True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", DW_VEC_CASES, ids=str)
+def test_cuda_depthwise_vector_and_scalar_paths_gpu(case, dtype):
+    if "cuda" not in KERNEL_BACKENDS:
+        pytest.skip("fastnets._C sees no device")
+    for mode in ("eval", "train", "nobn"):
+        _check(case, dtype, "channels_last", mode, "cuda")
+    _check(case, dtype, "contiguous", "nobn", "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_depthwise_and_act_grad_misaligned_take_the_scalar_kernels_gpu(dtype):
+    if "cuda" not in KERNEL_BACKENDS:
+        pytest.skip("fastnets._C sees no device")
+    case = DW_VEC_CASES[0]
+    x, w, b, _, res, dy = _inputs(case, dtype, "channels_last", "nobn")
+    kw = dict(stride=case.stride, padding=case.padding, groups=case.groups, activation=case.act)
+    xm, resm = parity.misaligned(x), parity.misaligned(res)
+    with ran_on("cuda", "conv_bn_act"):
+        out = conv_bn_act(xm, w, b, residual=resm, **kw)
+        gx, gr = torch.autograd.grad(out, [xm, resm], parity.misaligned(dy))
+    x64, r64 = upcast(x), upcast(res)
+    ref = A.apply(F.conv2d(x64, upcast(w), upcast(b), case.stride, case.padding, groups=case.groups) + r64,
+                  A.code(case.act))
+    rx, rr = torch.autograd.grad(ref, [x64, r64], dy.double())
+    xs, rs = x.detach().clone().requires_grad_(), res.detach().clone().requires_grad_()
+    stock = A.apply(F.conv2d(xs, w, b, case.stride, case.padding, groups=case.groups) + rs, A.code(case.act))
+    sx, sr = torch.autograd.grad(stock, [xs, rs], dy)
+    assert_parity(out, ref, stock)
+    assert_parity(gx, rx, sx, "grad of input")
+    assert_parity(gr, rr, sr, "grad of residual")

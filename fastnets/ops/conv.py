@@ -216,6 +216,10 @@ def _cuda_launch(x, w, b, residual, y, z, pmean, pm2, stride, padding, dilation,
     """Calls fastnets._C.conv_fwd (its arguments are described in csrc/conv.h)."""
     mod = _ext.module()
     b32 = b.float().contiguous() if b is not None else None
+    if groups == x.shape[1] == w.shape[0] and w.shape[1] == 1 and x.stride(1) == 1 and w.stride(0) != 1:
+        # Depthwise beside an NHWC input: the weight as [KH, KW, C] (channels contiguous, a view of
+        # shape [C, 1, KH, KW]), so that the kernel's 128-bit path reads it 16 bytes at a time too.
+        w = w.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
     if x.dtype != torch.float32 and x.stride(1) == 1 and w.stride(1) != 1 and w.shape[1] % 8 == 0:
         # An OHWI copy of an OIHW weight beside an NHWC input: the 16-bit GEMM's fast path reads
         # both operands by 16-byte asynchronous copies along the input channels (csrc/conv.cu).
