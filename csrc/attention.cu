@@ -358,6 +358,43 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_delta_kernel(const Params p
   if (threadIdx.x % 32 == 0) p.delta[row] = acc;
 }
 
+// The 128-bit path of attn_bwd_delta_kernel (O and dO with a contiguous last dim, EV and the other
+// strides multiples of V = vec_width<T>(), both pointers 16-byte aligned): kDeltaLanes lanes per
+// row, V elements per lane and load (8 x 16 bytes: a 64-wide fp16 row per step). The lanes' partial
+// sums meet in shared memory (in lane order), not through shuffles, whose divergence fallbacks
+// would branch back over the store.
+constexpr int kDeltaLanes = 8;
+
+template <class T>
+__global__ void __launch_bounds__(kThreads) attn_bwd_delta_vec_kernel(const Params p) {
+  constexpr int V = vec_width<T>();
+  __shared__ float part[kThreads];
+  const int sub = threadIdx.x % kDeltaLanes;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kThreads / kDeltaLanes) + threadIdx.x / kDeltaLanes;
+  const bool live = row < p.B * p.H * p.L;
+  float acc = 0.f;
+  if (live) {
+    const int64_t bh = row / p.L, i = row % p.L, b = bh / p.H, h = bh % p.H;
+    const T* o = static_cast<const T*>(p.out) + b * p.so[0] + h * p.so[1] + i * p.so[2];
+    const T* g = static_cast<const T*>(p.dout) + b * p.sdo[0] + h * p.sdo[1] + i * p.sdo[2];
+    for (int64_t d = sub * V; d < p.EV; d += kDeltaLanes * V) {
+      float ov[V], gv[V];
+      load_vec<V>(o + d, ov);
+      load_vec<V>(g + d, gv);
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc += ov[j] * gv[j];
+    }
+  }
+  part[threadIdx.x] = acc;
+  __syncthreads();
+  if (live && sub == 0) {
+    float s = 0.f;
+#pragma unroll
+    for (int l = 0; l < kDeltaLanes; ++l) s += part[threadIdx.x + l];
+    p.delta[row] = s;
+  }
+}
+
 // Shared by both backward kernels: for a tile of BM query rows (i = m0 + r) and BN key rows
 // (j = n0 + c), with sS = Q K^T and sdP = dO V^T computed, writes P with dropout (sPd) and
 // dS = P * (dP - delta) (sdS) in T, and dS in float32 to p.ds when requested.
@@ -635,7 +672,18 @@ void attention_bwd(const Shape& sizes, std::uintptr_t q, std::uintptr_t k, std::
   cudaStream_t st = as_stream(stream);
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    launch(attn_bwd_delta_kernel<T>, "attn_bwd_delta_kernel", ceil_div(p.B * p.H * p.L, kWarps), 0, p, st);
+    // delta = rowsum(dO * O): 16 bytes per load when both have a contiguous last dim, EV and the other
+    // strides multiples of V and aligned pointers; else one warp per row, element by element.
+    constexpr int64_t V = vec_width<T>();
+    const bool delta_vec = p.so[3] == 1 && p.sdo[3] == 1 && p.EV % V == 0 &&
+                           multiple({p.so[0], p.so[1], p.so[2], p.sdo[0], p.sdo[1], p.sdo[2]}, V) &&
+                           aligned({out, dout});
+    if (delta_vec) {
+      launch(attn_bwd_delta_vec_kernel<T>, "attn_bwd_delta_vec_kernel",
+             ceil_div(p.B * p.H * p.L, kThreads / kDeltaLanes), 0, p, st);
+    } else {
+      launch(attn_bwd_delta_kernel<T>, "attn_bwd_delta_kernel", ceil_div(p.B * p.H * p.L, kWarps), 0, p, st);
+    }
     dispatch_head_dim(std::max(p.E, p.EV), [&](auto dtag) {
       constexpr int D = decltype(dtag)::value;
       constexpr int BM = Tiles<T, D>::BWD_M, BN = Tiles<T, D>::BWD_N;

@@ -470,8 +470,9 @@ def test_gpu_opcheck_and_compile(backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
 @pytest.mark.parametrize("E,layout,causal", [(64, "contiguous", False), (64, "bshd", True), (128, "contiguous", True),
-                                             (256, "bshd", False), (60, "contiguous", True),
-                                             (33, "contiguous", False), (64, "noncontiguous", False)])
+                                             (256, "bshd", False), (32, "contiguous", False),
+                                             (60, "contiguous", True), (33, "contiguous", False),
+                                             (64, "noncontiguous", False)])
 def test_cuda_async_copy_and_plain_load_paths_gpu(dtype, E, layout, causal):
     if "cuda" not in KERNEL_BACKENDS:
         pytest.skip("fastnets._C sees no device")
@@ -491,3 +492,31 @@ def test_cuda_misaligned_inputs_gpu(dtype):
         ref = F.scaled_dot_product_attention(*(t.double() for t in (q, k, v)))
         stock = F.scaled_dot_product_attention(q, k, v)
     assert_parity(out, ref, stock)
+
+
+# GPU: the CUDA backward's delta = rowsum(dO * O) by 16-byte loads (csrc/attention.cu
+# attn_bwd_delta_vec_kernel: last dims contiguous, Ev and the other strides multiples of 8 (16-bit)
+# or 4 (fp32), aligned pointers; 8 lanes per row) and the warp-per-row kernel it falls back to
+# (Ev = 20 for 16-bit types, a misaligned dO). Ev = 136: two steps per row, the second partial;
+# B * H * L = 616 rows: the last block of 16 rows partly filled.
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DOT_DTYPES, ids=str)
+@pytest.mark.parametrize("Ev,misaligned_grad", [(40, False), (136, False), (20, False), (64, True)])
+def test_cuda_delta_vector_and_scalar_paths_gpu(dtype, Ev, misaligned_grad):
+    if "cuda" not in KERNEL_BACKENDS:
+        pytest.skip("fastnets._C sees no device")
+    q, k, v = (t.requires_grad_() for t in _qkv(2, 4, 77, 93, 64, Ev=Ev, dtype=dtype))
+    grad = torch.randn(2, 4, 77, Ev, device=DEVICE)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        ref = F.scaled_dot_product_attention(*ref_in)
+        ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
+    stock = F.scaled_dot_product_attention(q, k, v)
+    stock_grads = torch.autograd.grad(stock, (q, k, v), grad.to(dtype))
+    g = parity.misaligned(grad.to(dtype)) if misaligned_grad else grad.to(dtype)
+    with ran_on("cuda", "attention"):
+        out = FF.scaled_dot_product_attention(q, k, v)
+        grads = torch.autograd.grad(out, (q, k, v), g)
+    assert_parity(out, ref, stock, "output")
+    for name, gr, r, s in zip("qkv", grads, ref_grads, stock_grads):
+        assert_parity(gr, r, s, f"grad of {name}")
