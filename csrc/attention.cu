@@ -6,27 +6,28 @@
 //  - forward: one block per BM query rows of one (batch, head). Per key/value tile of BN rows:
 //    S = Q K^T (tensor cores) into shared memory; each warp then takes whole rows for the online
 //    softmax (running max m, normalizer l, rescale of the output accumulator O by exp(m_old - m));
-//    O += P V (tensor cores). O stays in shared memory (float32) so that the per-row rescale is
-//    plain indexing instead of a guess at the opaque WMMA accumulator layout.
+//    O += P V (tensor cores). O stays in shared memory (float32), so the per-row rescale is plain
+//    indexing by the softmax warps; the products read and write it in the mma accumulator layout.
 //  - backward: delta = rowsum(dO * O); a dK/dV kernel (one block per BN key rows and key/value
 //    head, looping over the group's query heads and the query tiles that see it) and a separate
 //    dQ kernel (no atomics: deterministic).
-// Tensor cores through WMMA (16x16x16, fp16/bf16 operands, fp32 accumulate) for fp16 and bf16.
+// Tensor cores through ldmatrix + mma.sync.m16n8k16 (csrc/mma_sync.h; fp16/bf16 operands, fp32
+// accumulate) for fp16 and bf16.
 // fp32 inputs take a simpler path: the same tiles multiplied with float32 FMAs on CUDA cores
 // (exact fp32 products, no TF32).
 // Head dims are padded to D in {32, 64, 128, 256} with zeros (loads past E or EV read 0).
 // Operand tiles arrive by 16-byte asynchronous copies (cp.async) when their rows are contiguous and
 // aligned (load_tile_async); the forward overlaps the next K tile and the current V tile with the
-// math. The WMMA fragments are read from shared memory (LDSM) and multiplied by HMMA.
+// math. The operand fragments are read from shared memory by ldmatrix (LDSM) and multiplied by
+// mma.sync (HMMA).
 // Indices of global memory are int64; the grid is 1-D (x up to 2^31 - 1, no y/z limits).
-#include <mma.h>
-
 #include <algorithm>
 #include <cmath>
 #include <string>
 #include <type_traits>
 
 #include "attention.h"
+#include "mma_sync.h"
 #include "vec.h"
 
 namespace fastnets {
@@ -34,7 +35,7 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kPadT = 8;  // row padding of T tiles (elements): keeps WMMA's 32-byte alignment, spreads banks
+constexpr int kPadT = 8;  // row padding of T tiles (elements): rows stay multiples of 16 bytes (ldmatrix), spread banks
 constexpr int kPadF = 4;  // row padding of float tiles
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -181,7 +182,11 @@ __device__ __forceinline__ void fill(float* dst, int n, float value) {
 // C[M x N] (float, row stride ldc) = (accumulate ? C : 0) + A[M x K] * B[K x N], all in shared
 // memory. A is stored row-major (A[m * lda + k]) or, if A_T, transposed (A[k * lda + m]); B is
 // stored row-major (B[k * ldb + n]) or, if B_T, transposed (B[n * ldb + k]). M, N, K are multiples
-// of 16. Half types: WMMA 16x16x16 tiles spread over the warps; float: one output per thread.
+// of 16. Half types: 16 x 16 output tiles spread over the warps, each two m16n8k16 mma.sync per 16
+// of K, operands by ldmatrix (A_T: .trans; B row-major: .trans; csrc/mma_sync.h has the fragment
+// layouts), C read and written in the mma accumulator layout; float: one output per thread.
+// Alignment for ldmatrix: A, B 16-byte aligned, lda and ldb multiples of 8 elements (every tile
+// below starts at align128 with rows of D + kPadT or BN + kPadT elements); C 8-byte aligned, ldc even.
 // Callers synchronize the block before (operands written) and after (C read).
 template <class T, bool A_T, bool B_T>
 __device__ __forceinline__ void mma_smem(float* C, int ldc, const T* A, int lda, const T* B, int ldb, int M, int N,
@@ -198,27 +203,33 @@ __device__ __forceinline__ void mma_smem(float* C, int ldc, const T* A, int lda,
       C[m * ldc + n] = acc;
     }
   } else {
-    namespace wmma = nvcuda::wmma;
-    using LayoutA = std::conditional_t<A_T, wmma::col_major, wmma::row_major>;
-    using LayoutB = std::conditional_t<B_T, wmma::col_major, wmma::row_major>;
     const int warp = threadIdx.x / 32;
     const int tiles_n = N / 16;
-    for (int t = warp; t < (M / 16) * tiles_n; t += kWarps) {
+    for (int t = warp; t < (M / 16) * tiles_n; t += kWarps) {  // uniform per warp: mma.sync's .aligned
       const int tm = (t / tiles_n) * 16, tn = (t % tiles_n) * 16;
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      float acc[2][4];  // columns tn..tn+7 and tn+8..tn+15 (mma accumulator layout)
       if (accumulate) {
-        wmma::load_matrix_sync(acc, C + tm * ldc + tn, ldc, wmma::mem_row_major);
+        load_acc(acc[0], C + tm * ldc + tn, ldc);
+        load_acc(acc[1], C + tm * ldc + tn + 8, ldc);
       } else {
-        wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[0][e] = acc[1][e] = 0.f;
       }
       for (int kk = 0; kk < K; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LayoutA> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LayoutB> b;
-        wmma::load_matrix_sync(a, A_T ? A + kk * lda + tm : A + tm * lda + kk, lda);
-        wmma::load_matrix_sync(b, B_T ? B + tn * ldb + kk : B + kk * ldb + tn, ldb);
-        wmma::mma_sync(acc, a, b, acc);
+        uint32_t a[4], b[4];
+        if constexpr (A_T)
+          load_a_frag_t(a, A + kk * lda + tm, lda);
+        else
+          load_a_frag(a, A + tm * lda + kk, lda);
+        if constexpr (B_T)
+          load_b_frags_nk(b, B + tn * ldb + kk, ldb);
+        else
+          load_b_frags_kn(b, B + kk * ldb + tn, ldb);
+        mma_16816<T>(acc[0], a, b[0], b[1]);
+        mma_16816<T>(acc[1], a, b[2], b[3]);
       }
-      wmma::store_matrix_sync(C + tm * ldc + tn, acc, ldc, wmma::mem_row_major);
+      store_acc(C + tm * ldc + tn, ldc, acc[0]);
+      store_acc(C + tm * ldc + tn + 8, ldc, acc[1]);
     }
   }
 }
@@ -242,7 +253,7 @@ struct FwdLayout {
 };
 
 template <class T, int D, int BM, int BN>
-__global__ void __launch_bounds__(kThreads) attn_fwd_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, 1) attn_fwd_kernel(const Params p) {
   using Lay = FwdLayout<T, D, BM, BN>;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem + Lay::Q);
@@ -427,7 +438,12 @@ __device__ __forceinline__ void load_query_side(const Params& p, T* sQ, T* sdO, 
   load_tile<T, D>(sQ, ld, static_cast<const T*>(p.q) + b * p.sq[0] + h * p.sq[1], p.sq[2], p.sq[3], m0, p.L, p.E, BM);
   load_tile<T, D>(sdO, ld, static_cast<const T*>(p.dout) + b * p.sdo[0] + h * p.sdo[1], p.sdo[2], p.sdo[3], m0, p.L,
                   p.EV, BM);
-  for (int r = threadIdx.x; r < BM; r += kThreads) {
+  // One thread per row, no loop: inside the dK/dV kernel's query loop these two 4-byte loads would
+  // otherwise be unrolled into a dozen (the audit's loop async share counts them against the
+  // 16-byte copies of Q and dO).
+  static_assert(BM <= kThreads, "one thread per query row");
+  if (threadIdx.x < BM) {
+    const int r = threadIdx.x;
     const int64_t i = m0 + r;
     sLse[r] = i < p.L ? p.lse[bh * p.L + i] * kLog2e : INFINITY;
     sDelta[r] = i < p.L ? p.delta[bh * p.L + i] : 0.f;
@@ -455,7 +471,7 @@ struct BwdLayout {
 };
 
 template <class T, int D, int BM, int BN>
-__global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const Params p) {
+__global__ void __launch_bounds__(kThreads, 1) attn_bwd_dkdv_kernel(const Params p) {
   using Lay = BwdLayout<T, D, BM, BN>;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem + Lay::Q);
