@@ -1,7 +1,8 @@
 // Fused convolution kernels (declared in conv.h): implicit GEMM with tensor cores (ldmatrix +
 // mma.sync.m16n8k16, csrc/mma_sync.h) for fp16/bf16 (float32 accumulate) and an FMA-tiled path
-// for fp32, a direct depthwise kernel, the statistics finalize (Chan's merge) and the activation gradient. Simple on purpose: one tile
-// shape, operands staged through shared memory, every index that can pass 2^31 in int64. The 16-bit
+// for fp32, a direct depthwise kernel, the statistics finalize (Chan's merge) and the activation
+// gradient. Simple on purpose: one tile shape, operands staged through shared memory, every index
+// that can pass 2^31 in int64. The 16-bit
 // GEMM has an asynchronous-copy fast path (conv_gemm_async_kernel) for channels_last inputs and
 // OHWI weights with channel counts that are multiples of 8.
 #include <climits>
