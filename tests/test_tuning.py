@@ -101,21 +101,35 @@ def test_conv_prune_drops_the_spilling_candidates(monkeypatch, arch, dtype):
     candidates = KC._BOTH + (KC._SM90 if arch == 9 else ())
     configs = _gemm(candidates)
     x = torch.empty(1, dtype=dtype)
-    for flat, sxc in ((True, 1), (False, 1), (False, 3136)):
-        spills = KC._SPILLS[arch][KC._path(flat, sxc)]
-        assert spills <= set(KC._BOTH + KC._SM90), "a stale entry: not a candidate"
-        kept = _tiles(KC.prune_gemm_configs(configs, {"x_ptr": x, "FLAT_K": flat, "sxc": sxc}))
+    for row in KC._SPILLS[arch].values():
+        assert row <= set(KC._BOTH + KC._SM90), "a stale entry: not a candidate"
+    # (FLAT_K, sxc, VEC, HAS_RES) -> the _SPILLS rows that apply
+    launches = {(True, 1, 8, False): ("flat",), (True, 1, 1, True): ("flat",), (False, 1, 8, False): ("nhwc",),
+                (False, 1, 8, True): ("nhwc", "res"), (False, 1, 1, False): ("strided",),
+                (False, 3136, 1, True): ("strided",)}
+    for (flat, sxc, vec, res), rows in launches.items():
+        spills = set().union(*(KC._SPILLS[arch][r] for r in rows))
+        assert KC.spilling(arch, flat, sxc, vec, res) == spills
+        args = {"x_ptr": x, "FLAT_K": flat, "sxc": sxc, "VEC": vec, "HAS_RES": res}
+        kept = _tiles(KC.prune_gemm_configs(configs, args))
         big = set(KC._SM90) if dtype == torch.float32 else set()
         if arch == 8 and dtype == torch.float32:  # 3 x (128 + 128) x 64 x 4 B = 196608 > 166912
             big.add((128, 128, 64, 8, 3))
         assert kept == [t for t in candidates if t not in spills and t not in big]
         assert kept, "every candidate pruned"
         # As the autotuner calls it: the constexprs among the keyword arguments.
-        assert _tiles(KC.prune_gemm_configs(configs, {"x_ptr": x, "sxc": sxc}, FLAT_K=flat)) == kept
-    # The stem's flattened reduction spills in the largest tile; over NCHW input only 64x64x32 does not.
-    assert (128, 128, 32, 4, 4) in KC._SPILLS[arch]["flat"]
-    assert KC._SPILLS[arch]["nhwc"] == set()
+        assert _tiles(KC.prune_gemm_configs(configs, {"x_ptr": x, "sxc": sxc},
+                                            FLAT_K=flat, VEC=vec, HAS_RES=res)) == kept
+    # 128x128x32 over 4 warps spills on the 16-byte channel path (a residual or SiLU in the epilogue),
+    # and over NCHW input or unaligned channels only 64x64x32 does not.
+    assert (128, 128, 32, 4, 4) in KC._SPILLS[arch]["flat"] & KC._SPILLS[arch]["nhwc"]
     assert set(KC._BOTH + KC._SM90) - KC._SPILLS[arch]["strided"] == {(64, 64, 32, 4, 4)}
+    # what remains per path, 16-bit operands (issue 12: say how many candidates remain)
+    remain = {p: len(set(candidates) - KC.spilling(arch, p == "flat", 1 if p != "strided" else 3136,
+                                                   1 if p == "strided" else 8, p == "res"))
+              for p in ("flat", "nhwc", "res", "strided")}
+    assert remain == ({"flat": 2, "nhwc": 6, "res": 6, "strided": 1} if arch == 8 else
+                      {"flat": 3, "nhwc": 10, "res": 8, "strided": 1})
 
 
 def test_conv_shared_memory_estimate_is_what_the_compiles_report():
@@ -128,3 +142,48 @@ def test_conv_shared_memory_estimate_is_what_the_compiles_report():
     if KC.ARCH == (0, 0):
         configs = _gemm(KC._BOTH)
         assert KC.prune_gemm_configs(configs, {"x_ptr": torch.empty(1, dtype=torch.float16), "FLAT_K": True}) == configs
+
+
+# Issue 12, item 5, attention: the rows that spill on an architecture (kernels/attention.py FWD_SPILLS,
+# attention_bwd.py DQ_SPILLS, from the SASS audit) are pruned there, and only there.
+@pytest.mark.parametrize("arch", [0, 8, 9])
+def test_attention_prune_drops_the_spilling_rows(monkeypatch, arch):
+    from fastnets.kernels import attention_bwd as KB
+
+    monkeypatch.setattr(KA, "ARCH_MAJOR", arch)
+    table = {64: [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)], 128: [(64, 64, 4, 3)]}
+    spills = {8: {64: {(128, 64, 4, 3), (64, 64, 4, 3)}}, 9: {64: {(128, 64, 4, 3)}}}
+    _, prune = KA.tuned_configs(table, triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}), spills)
+    configs = _attn(sorted({r for v in table.values() for r in v}))
+    q = torch.empty(1, dtype=torch.float16)
+    kept = sorted(t[:2] + t[3:] for t in _tiles(prune(configs, {"Q": q, "BLOCK_D": 64, "BLOCK_DV": 64})))
+    assert kept == sorted(set(table[64]) - spills.get(arch, {}).get(64, set()))
+    # another head dim: nothing of its rows spills here
+    assert _tiles(prune(configs, {"Q": q, "BLOCK_D": 128, "BLOCK_DV": 128})) == [(64, 64, None, 4, 3)]
+    # every row spilling: the table's rows stay (never an empty list)
+    _, prune_all = KA.tuned_configs({64: [(64, 64, 4, 3)]}, triton.Config({}), {arch: {64: {(64, 64, 4, 3)}}})
+    assert len(prune_all(_attn([(64, 64, 4, 3)]), {"Q": q, "BLOCK_D": 64, "BLOCK_DV": 64})) == 1
+    # the kernels' own tables name real candidates of their head dim
+    for rows, tab in ((KA.FWD_TABLE, KA.FWD_SPILLS), (KB.DQ_TABLE, KB.DQ_SPILLS)):
+        for per_dim in tab.values():
+            for dim, bad in per_dim.items():
+                assert bad <= set(rows[dim]), "a stale entry: not a candidate"
+                assert set(rows[dim]) - bad, "every candidate of a head dim spills"
+
+
+@pytest.mark.parametrize("arch", [0, 8, 9])
+def test_pool_prune_drops_the_spilling_tiles(monkeypatch, arch):
+    """kernels/pool.py: the (TILE, warps) that spill on an architecture (SASS audit) are pruned there."""
+    from fastnets.kernels import pool as KP
+
+    monkeypatch.setattr(KP, "ARCH_MAJOR", arch)
+    configs = [triton.Config({"TILE": t}, num_warps=w) for t in (1024, 2048, 4096) for w in (4, 8)]
+    for spills in (KP.FWD_SPILLS, KP.BWD_SPILLS):
+        assert all(s <= {(1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 4), (4096, 8)} for s in spills.values())
+        prune = KP._pruner(spills)["early_config_prune"]
+        kept = [(c.kwargs["TILE"], c.num_warps) for c in prune(configs, {})]
+        assert kept == [(c.kwargs["TILE"], c.num_warps) for c in configs
+                        if (c.kwargs["TILE"], c.num_warps) not in spills.get(arch, set())]
+        assert prune(configs[:1], {}) == configs[:1]  # never an empty list
+    if arch:
+        assert (4096, 4) in KP.BWD_SPILLS[arch]  # the backward's largest tile over 4 warps, everywhere

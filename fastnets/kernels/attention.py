@@ -157,11 +157,23 @@ def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, mask_base, seed, bh, offs_m, of
     return acc, m_i, l_i
 
 
-def tuned_configs(table: dict[int, list[tuple[int, int, int, int]]], interpreter: triton.Config):
+def _arch_major() -> int:
+    if _common.INTERPRET or not torch.cuda.is_available():
+        return 0
+    return torch.cuda.get_device_capability()[0]
+
+
+ARCH_MAJOR = _arch_major()  # read at import (scripts/aot_compile_all.py sets the architecture there)
+
+
+def tuned_configs(table: dict[int, list[tuple[int, int, int, int]]], interpreter: triton.Config,
+                  spills: dict[int, dict[int, set]] | None = None):
     """Autotuning candidates from a table {padded head dim: [(BLOCK_M, BLOCK_N, warps, stages)]}
     and the pruning function that keeps, at run time, only the padded head dim's own rows (large
     head dims need smaller tiles to stay in registers and shared memory; the rows were chosen from
-    ptxas reports of Triton 3.9's sm_90 and sm_80 code for bf16/fp16 without mask or dropout)."""
+    ptxas reports of Triton 3.9's sm_90 and sm_80 code for bf16/fp16 without mask or dropout).
+    spills {arch major: {table key: rows}}: the rows that spill registers on that architecture (SASS
+    audit, issue 12), pruned there unless nothing else would remain."""
     rows = sorted({r for v in table.values() for r in v})
     configs = _common.configs([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                                for bm, bn, w, s in rows], interpreter)
@@ -173,8 +185,12 @@ def tuned_configs(table: dict[int, list[tuple[int, int, int, int]]], interpreter
         if None in dims:  # not called the way Triton calls it: keep every candidate
             return configs
         d = max(dims)
-        wanted = set(table[min(k for k in table if k >= d)] if d <= max(table) else table[max(table)])
+        key = min(k for k in table if k >= d) if d <= max(table) else max(table)
+        wanted = set(table[key])
         kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+        drop = (spills or {}).get(ARCH_MAJOR, {}).get(key, set())
+        kept = [c for c in kept if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                not in drop] or kept
         q = named_args.get("Q", kwargs.get("Q"))
         if getattr(q, "dtype", None) == torch.float32:
             # fp32 tiles of 128 x 128 need 225 KB of shared memory (more than sm_80's 163 KB, the
@@ -185,11 +201,17 @@ def tuned_configs(table: dict[int, list[tuple[int, int, int, int]]], interpreter
     return configs, prune
 
 
+# Rows that spill (cuobjdump: LDL/STL), fp16 head dim 64, compiled as the JIT specializes the audit's
+# launches (synthetic 2x4x256x64 and ViT-B/16's 197 tokens), under Triton 3.6 (the GPU image's) or 3.9:
+# sm_80 64x64/4 warps (3.9, ViT: one predicate register kept in local memory across the loops) and
+# 128x64/4 warps (3.9: 6 LDL/6 STL); sm_90 128x64/4 warps (3.6: 4 LDL/4 STL). Other head dims: not
+# measured yet.
+FWD_SPILLS = {8: {64: {(64, 64, 4, 3), (128, 64, 4, 3)}}, 9: {64: {(128, 64, 4, 3)}}}
+FWD_TABLE = {64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+             128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
+             256: [(64, 32, 8, 2), (128, 32, 8, 2), (64, 32, 8, 3)]}
 _FWD_CONFIGS, _fwd_prune = tuned_configs(
-    {64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-     128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
-     256: [(64, 32, 8, 2), (128, 32, 8, 2), (64, 32, 8, 3)]},
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1))
+    FWD_TABLE, triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1), FWD_SPILLS)
 
 
 @_common.autotune(configs=_FWD_CONFIGS, key=["seq_bucket", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "DROPOUT"],

@@ -197,7 +197,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, mask_base, ds_base, seed, b
               IDX64: tl.constexpr):
     """Accumulates one query block's dQ over the key blocks [n_lo, n_hi)."""
     rows = offs_m[:, None]
-    d_ok = offs_d[:, None] < E
+    d_ok = offs_d[None, :] < E
     dv_ok = offs_dv[:, None] < EV
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -206,14 +206,17 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, mask_base, ds_base, seed, b
         cols = offs_n[None, :]
         n_ok = cols < S
         if BOUNDS:  # only the tail tile needs the sequence bound in its loads
-            k_ok = d_ok & n_ok
+            k_ok = (offs_n[:, None] < S) & d_ok
             v_ok = dv_ok & n_ok
         else:
             k_ok = d_ok
             v_ok = dv_ok
-        kt = tl.load(k_base + cols * stride_ks + offs_d[:, None] * stride_kd, mask=k_ok, other=0.0)   # [BD, BN]
+        # K as [BN, BD] (its rows as stored), used transposed first: the order in which Triton's
+        # pipeliner keeps both uses in shared memory (loaded as [BD, BN] and transposed for dQ, the
+        # sm_80 load went through registers, not by async copy; the audit's loop async share 0.5)
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=k_ok, other=0.0)  # [BN, BD]
         vt = tl.load(v_base + cols * stride_vs + offs_dv[:, None] * stride_vd, mask=v_ok, other=0.0)  # [BDV, BN]
-        qk = tl.dot(q, kt, input_precision=DOT_PREC)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         s = score_tile(qk, rows, cols, mask_base + rows * stride_ml + cols * stride_ms,
                        (rows < L) & n_ok, S, qk_scale, IS_CAUSAL, MASK_KIND, BOUNDS)
         p = tl.math.exp2(s - lse[:, None])
@@ -223,15 +226,17 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, mask_base, ds_base, seed, b
         ds = p * (dp - delta[:, None])
         if STORE_DS:
             tl.store(ds_base + rows.to(tl.int64) * S + cols, ds, mask=(rows < L) & n_ok)
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PREC)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     return dq
 
 
+# Spilling rows (as attention.FWD_SPILLS; fp16, head dim 64): sm_80 128x32/4 warps (Triton 3.6, 2 LDL/2 STL).
+DQ_SPILLS = {8: {64: {(128, 32, 4, 3)}}}
+DQ_TABLE = {64: [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
+            128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3)],
+            256: [(32, 32, 8, 2), (32, 64, 8, 2), (16, 32, 4, 2)]}
 _DQ_CONFIGS, _dq_prune = tuned_configs(
-    {64: [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
-     128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3)],
-     256: [(32, 32, 8, 2), (32, 64, 8, 2), (16, 32, 4, 2)]},
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1))
+    DQ_TABLE, triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1), DQ_SPILLS)
 
 
 @_common.autotune(configs=_DQ_CONFIGS,

@@ -45,25 +45,47 @@ _BOTH = ((128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (128, 
 _SM90 = ((128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4))
 
 
-# Candidates that spill registers to local memory (cuobjdump -res-usage: STACK > 0, LDL/STL in the
-# SASS), per architecture and reduction path, from compiles specialized as the JIT does at run time
-# (Triton 3.9, fp16; issue 12): "flat" the flattened reduction (ResNet-50 stem, 7x7/2 over 3
-# channels), "nhwc" the tap path with channels contiguous (3x3 over 64 and 40 channels), "strided"
-# the tap path over an NCHW input (3x3 over 64 channels: its per-element gather addresses hold every
-# tile but 64x64x32 over 255 registers). Spilling candidates are pruned before the autotuner compiles
+# Candidates that spill registers to local memory (LDL/STL in the SASS), per architecture and
+# reduction path, from compiles specialized as the JIT does at run time on the audit's launches
+# (synthetic 3x3 over 64 channels with and without a residual, ResNet-50 and EfficientNet-B0 layers
+# at batch 32; fp16) under Triton 3.6 (the GPU image's) and 3.9 (issue 12): a candidate that spills
+# under either is pruned. Paths (_path): "flat" the flattened reduction (stems: 7x7/2 and 3x3/2 over
+# 3 channels; 3x3 over 16), "nhwc" the tap path with 16-byte channel vectors (VEC > 1), "res" what
+# "nhwc" adds when a residual is fused (its tile is live in the epilogue with the accumulator),
+# "strided" the tap path without channel vectors: NCHW input (its per-element gather addresses hold
+# every tile but 64x64x32 over 255 registers) or channels not a multiple of 8 (EfficientNet's 1x1
+# squeeze-excite conv over 4 channels: up to 616 B of stack on the large tiles). Measured spills:
+# sm_90 nhwc 128x128x32 (residual 136-152 B, SiLU 8-144 B), res 128x256x64 and 256x128x64 (48-240 B),
+# flat (3.6) 128x64x32 (128 B) and 64x64x64 (104-112 B); sm_80 nhwc 128x128x32 (residual 8-56 B) and
+# 128x64x64 (3.6: 32-40 B), flat (3.6) 128x128x64, 128x64x64, 64x64x64, 128x32x32 (stem, 8-352 B) and
+# 64x64x32 (3x3 over 16 with GELU: 8 B). Spilling candidates are pruned before the autotuner compiles
 # and times them: a short GPU window spends its minutes on real candidates. Every remaining candidate
 # fits one CTA per SM (<= 255 registers x 256 threads; shared memory: rule (3) below).
 _ALL = frozenset(_BOTH + _SM90)
 _SPILLS = {
-    8: {"flat": {(128, 128, 32, 4, 4)}, "nhwc": set(), "strided": set(_ALL - {(64, 64, 32, 4, 4)})},
+    8: {"flat": {(128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 3),
+                 (128, 32, 32, 4, 4), (64, 64, 32, 4, 4)},
+        "nhwc": {(128, 128, 32, 4, 4), (128, 64, 64, 4, 3)}, "res": set(),
+        "strided": set(_ALL - {(64, 64, 32, 4, 4)})},
     9: {"flat": {(128, 128, 32, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 256, 64, 8, 3),
-                 (256, 128, 64, 8, 3), (128, 128, 64, 8, 4)},
-        "nhwc": set(), "strided": set(_ALL - {(64, 64, 32, 4, 4)})},
+                 (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 32, 4, 4), (64, 64, 64, 4, 3)},
+        "nhwc": {(128, 128, 32, 4, 4)}, "res": {(128, 256, 64, 8, 3), (256, 128, 64, 8, 3)},
+        "strided": set(_ALL - {(64, 64, 32, 4, 4)})},
 }
 
 
-def _path(flat_k, sxc) -> str:
-    return "flat" if flat_k else ("nhwc" if sxc == 1 else "strided")
+def _path(flat_k, sxc, vec=None) -> str:
+    """The _SPILLS row of a launch (vec None: not known, as a 16-byte vector)."""
+    if flat_k:
+        return "flat"
+    return "nhwc" if sxc == 1 and vec != 1 else "strided"
+
+
+def spilling(arch_major: int, flat_k, sxc, vec=None, has_res=False) -> set:
+    """The candidates pruned for spilling on this architecture, for this launch."""
+    table = _SPILLS.get(arch_major, {})
+    path = _path(flat_k, sxc, vec)
+    return set(table.get(path, ())) | (set(table.get("res", ())) if has_res and path == "nhwc" else set())
 
 
 def _arch() -> tuple[int, int]:
@@ -84,7 +106,7 @@ def _gemm_shared(bm, bn, bk, stages, elem):
 
 
 def prune_gemm_configs(configs, named_args, **kwargs):
-    """Autotuner early prune. (1) Candidates that spill on this architecture (_SPILLS, by _path).
+    """Autotuner early prune. (1) Candidates that spill on this architecture (_SPILLS: spilling()).
     (3) Candidates whose operand tiles need more shared memory than this GPU gives one CTA (fp32
     128x128x64 x 3 stages: 196608 B, over sm_80's 166912).
     (2) The sm_90-only tiles are for 16-bit operands: in fp32 their pipelined tiles need 262-295 KB of
@@ -99,7 +121,7 @@ def prune_gemm_configs(configs, named_args, **kwargs):
     def tile(c):
         return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
 
-    drop = set(_SPILLS.get(ARCH[0], {}).get(_path(get("FLAT_K"), get("sxc")), ()))
+    drop = spilling(ARCH[0], get("FLAT_K"), get("sxc"), get("VEC"), bool(get("HAS_RES")))
     x = get("x_ptr")
     if getattr(x, "dtype", None) == torch.float32:
         drop |= set(_SM90)

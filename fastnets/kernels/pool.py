@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from fastnets.kernels._common import autotune, configs, next_pow2
+from fastnets.kernels._common import INTERPRET, autotune, configs, next_pow2
 
 _I32_MAX = 2**31 - 1
 _MAX_BLOCK_PIX = 1024  # planar tiles: at most this many pixels of one plane (<= the smallest TILE)
@@ -339,8 +339,31 @@ def _global_pool_kernel(
             tl.store(idx_ptr + o_off, arg_out.to(tl.int64), mask=c_ok)
 
 
-_fwd = autotune(_CONFIGS, key=_KEY)(_pool2d_fwd_kernel)
-_bwd = autotune(_CONFIGS, key=_KEY)(_pool2d_bwd_kernel)
+
+def _arch_major() -> int:
+    if INTERPRET or not torch.cuda.is_available():
+        return 0
+    return torch.cuda.get_device_capability()[0]
+
+
+ARCH_MAJOR = _arch_major()  # read at import, as the conv kernels' candidate lists are
+# (TILE, warps) that spill registers (LDL/STL in the SASS; issue 12, the audit's first fp16 launch,
+# 8x64x56x56 max 3x3/2 planar, Triton 3.6 and 3.9): the backward's TILE=4096 over 4 warps on both
+# architectures and Tritons (3-52 LDL/STL); under Triton 3.6, the forward's TILE=1024/4 warps on sm_80
+# (2 LDL/STL) and the backward's TILE=1024/8 warps on sm_90 (1). Pruned before the autotuner times them.
+FWD_SPILLS = {8: {(1024, 4)}}
+BWD_SPILLS = {8: {(4096, 4)}, 9: {(4096, 4), (1024, 8)}}
+
+
+def _pruner(spills):
+    def prune(configs, named_args, **kwargs):
+        drop = spills.get(ARCH_MAJOR, set())
+        return [c for c in configs if (c.kwargs["TILE"], c.num_warps) not in drop] or configs
+    return {"early_config_prune": prune}
+
+
+_fwd = autotune(_CONFIGS, key=_KEY, prune_configs_by=_pruner(FWD_SPILLS))(_pool2d_fwd_kernel)
+_bwd = autotune(_CONFIGS, key=_KEY, prune_configs_by=_pruner(BWD_SPILLS))(_pool2d_bwd_kernel)
 _global = autotune(_GLOBAL_CONFIGS, key=["C", "R", "BLOCK_R", "BLOCK_C", "IS_MAX"])(_global_pool_kernel)
 
 
