@@ -14,7 +14,7 @@ namespace fastnets {
 //   x [N, C_in, H, W], w [C_out, C_in/groups, KH, KW], res and y and z [N, C_out, OH, OW] (z has
 //   y's strides), bias [C_out] float32 contiguous or 0; stride/padding/dilation: {h, w}.
 // groups == C_in with one input channel per group runs the direct depthwise kernel; everything
-// else the implicit GEMM (WMMA tensor cores for fp16/bf16, FMA tiles for fp32).
+// else the implicit GEMM (ldmatrix + mma.sync tensor cores for fp16/bf16, FMA tiles for fp32).
 void conv_fwd(std::uintptr_t x, const Shape& x_size, const Shape& x_stride, std::uintptr_t w, const Shape& w_size,
               const Shape& w_stride, std::uintptr_t bias, std::uintptr_t res, const Shape& res_stride,
               std::uintptr_t y, const Shape& y_size, const Shape& y_stride, std::uintptr_t z, std::uintptr_t pmean,

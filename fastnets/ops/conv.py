@@ -22,9 +22,9 @@ Backward of the convolution itself (input and weight gradients): stock PyTorch
 kernel computes act'(z) * dy first.
 
 Kernels: Triton (kernels/conv.py: implicit GEMM, NHWC fast path, tensor cores for fp16/bf16;
-kernels/conv_depthwise.py: direct depthwise kernel), CUDA C++ (csrc/conv.cu: WMMA implicit GEMM
-for fp16/bf16, an FMA-tiled path for fp32, the depthwise kernel), and the torch reference (stock
-F.conv2d + elementwise ops: the CPU path and the tests' oracle).
+kernels/conv_depthwise.py: direct depthwise kernel), CUDA C++ (csrc/conv.cu: implicit GEMM
+(ldmatrix + mma.sync) for fp16/bf16, an FMA-tiled path for fp32, the depthwise kernel), and the
+torch reference (stock F.conv2d + elementwise ops: the CPU path and the tests' oracle).
 
 Registered ops (fastnets::<name>_<backend>, backend in triton/cuda/torch):
     conv_bias_act   (x, w, b?, residual?, ...) -> (y, z)    y = act(conv + b + residual), z = the
