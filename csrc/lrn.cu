@@ -119,32 +119,14 @@ __global__ void lrn_bwd_kernel(const T* __restrict__ gy,  // grad of the output 
 // ---------------------------------------------------------------------------------------------
 // The 128-bit path for channels_last (every tensor with channel stride 1, C and the other strides
 // multiples of V = vec_width<T>(), aligned pointers) and size <= kMaxVecSize: a thread computes V
-// neighbouring channels of one position. It loads its own vector and kHalo neighbouring vectors on
-// each side (zeros outside [0, C)), enough for every window it needs (offsets -4..4 around a channel
-// for the forward; the backward needs the windows of the channels within 4 of its own, 8 away),
-// so that every register index is a compile-time constant. The sums run over the window in the
+// neighbouring channels of one position. It takes its own vector and H neighbouring vectors on
+// each side (zeros outside [0, C)) from the block's vectors staged in shared memory (every global
+// access 128-bit), enough for every window it needs (offsets -4..4 around a channel for the
+// forward; the backward needs the windows of the channels within 4 of its own, 8 away), so that
+// every register index is a compile-time constant. The sums run over the window in the
 // same ascending order as the scalar kernels, and a channel outside [0, C) adds an exact zero.
 constexpr int kMaxVecSize = 9;  // window offsets within [-4, 4]
 constexpr int kReach = kMaxVecSize / 2;
-
-// Loads the (2 * H + 1) * V values of channels [c0 - H * V, c0 + (H + 1) * V) at xb (channel 0 of
-// one position), zeros outside [0, C).
-template <int V, int H, class T, class I>
-__device__ __forceinline__ void load_neighbourhood(const T* __restrict__ xb, I c0, I C, float (&v)[(2 * H + 1) * V]) {
-#pragma unroll
-  for (int h = -H; h <= H; ++h) {
-    const I cc = c0 + h * V;
-    float part[V];
-    if (cc >= 0 && cc < C) {
-      load_vec<V>(xb + cc, part);
-    } else {
-#pragma unroll
-      for (int k = 0; k < V; ++k) part[k] = 0.f;
-    }
-#pragma unroll
-    for (int k = 0; k < V; ++k) v[(h + H) * V + k] = part[k];
-  }
-}
 
 // The window sum of squares around register index P (a compile-time constant): offsets w with
 // lo <= w <= hi (lo = -(size / 2), hi = size - 1 - size / 2, both within [-4, 4]).
@@ -176,25 +158,79 @@ __device__ __forceinline__ void split_vec(I q, const Geometry<I>& g, I* n, I* c0
   *n = t / g.S;
 }
 
+// A block of the vector kernels stages its vectors of a tensor through shared memory: sh[k] holds
+// the 16 bytes of vector q = base - H + k (flat vector index in thread order, zeros outside
+// [0, nvec)), k < kVecBlock + 2 * H, each loaded by one 128-bit instruction and stored whole. A
+// thread then takes its own vector and its H neighbours on each side from there. (Loaded directly,
+// a neighbouring vector of which a thread uses only 4 channels is narrowed by ptxas to LDG.64.)
+constexpr int kVecBlock = 256;  // threads per block of the vector kernels
+
+template <int V, int H, class T, class I>
+__device__ __forceinline__ void stage_vectors(const T* __restrict__ t, const Strides<I>& st, const Geometry<I>& g,
+                                              I base, I nvec, uint4* sh) {
+  for (int k = threadIdx.x; k < kVecBlock + 2 * H; k += kVecBlock) {
+    const I q = base - H + k;
+    uint4 w = make_uint4(0u, 0u, 0u, 0u);
+    if (q >= 0 && q < nvec) {
+      I n, c0, s;
+      split_vec<V>(q, g, &n, &c0, &s);
+      w = *reinterpret_cast<const uint4*>(t + n * st.n + spatial_offset(s, g, st) + c0);
+    }
+    sh[k] = w;
+  }
+}
+
+// The (2 * H + 1) * V values of channels [c0 - H * V, c0 + (H + 1) * V) of thread tid's position
+// from the staged vectors, zeros outside [0, C): vector q + h (at sh[tid + H + h]) is channel
+// c0 + h * V of the same position exactly when that channel lies in [0, C).
+template <int V, int H, class T, class I>
+__device__ __forceinline__ void staged_neighbourhood(const uint4* sh, int tid, I c0, I C,
+                                                     float (&v)[(2 * H + 1) * V]) {
+  constexpr int kPer32 = static_cast<int>(4 / sizeof(T));
+#pragma unroll
+  for (int h = -H; h <= H; ++h) {
+    const I cc = c0 + h * V;
+    const bool in = cc >= 0 && cc < C;
+    const uint4 w = sh[tid + H + h];
+    const uint32_t lanes[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+#pragma unroll
+      for (int e = 0; e < kPer32; ++e) {
+        const float f = float_of_bits<T>(kPer32 == 1 ? lanes[l] : (lanes[l] >> (16 * e)) & 0xffffu);
+        v[(h + H) * V + l * kPer32 + e] = in ? f : 0.f;
+      }
+    }
+  }
+}
+
 template <class T, class I>
 __global__ void lrn_fwd_vec_kernel(const T* __restrict__ x, T* __restrict__ y, Geometry<I> g, Strides<I> sx,
                                    Strides<I> sy, int size, float alpha_over_size, float beta, float k) {
   constexpr int V = vec_width<T>();
   constexpr int H = (kReach + V - 1) / V;
   constexpr int L = (2 * H + 1) * V;
+  __shared__ uint4 sx_vec[kVecBlock + 2 * H];
   const int lo = -(size / 2), hi = size - 1 - size / 2;
-  const I step = static_cast<I>(gridDim.x) * blockDim.x;
-  for (I q = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; q < g.total / V; q += step) {
-    I n, c0, s;
-    split_vec<V>(q, g, &n, &c0, &s);
-    float v[L];
-    load_neighbourhood<V, H>(x + n * sx.n + spatial_offset(s, g, sx), c0, g.C, v);
-    float d[V];
-    window_sums<V, 0, L>(v, lo, hi, d);
-    float out[V];
+  const I nvec = g.total / V;
+  const I step = static_cast<I>(gridDim.x) * kVecBlock;
+  for (I base = static_cast<I>(blockIdx.x) * kVecBlock; base < nvec; base += step) {  // uniform per block
+    stage_vectors<V, H>(x, sx, g, base, nvec, sx_vec);
+    __syncthreads();
+    const I q = base + static_cast<I>(threadIdx.x);
+    if (q < nvec) {
+      I n, c0, s;
+      split_vec<V>(q, g, &n, &c0, &s);
+      float v[L];
+      staged_neighbourhood<V, H, T>(sx_vec, threadIdx.x, c0, g.C, v);
+      float d[V];
+      window_sums<V, 0, L>(v, lo, hi, d);
+      float out[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) out[j] = v[H * V + j] / powf(k + alpha_over_size * d[j], beta);
-    store_vec<V>(y + n * sy.n + spatial_offset(s, g, sy) + c0, out);
+      for (int j = 0; j < V; ++j) out[j] = v[H * V + j] / powf(k + alpha_over_size * d[j], beta);
+      store_vec<V>(y + n * sy.n + spatial_offset(s, g, sy) + c0, out);
+    }
+    __syncthreads();  // every thread has read sx_vec before the next iteration stages over it
   }
 }
 
@@ -225,28 +261,37 @@ __global__ void lrn_bwd_vec_kernel(const T* __restrict__ gy, const T* __restrict
   constexpr int M = V + 2 * kReach;  // channels c0 - 4 .. c0 + V + 3
   const int lo = -(size / 2), hi = size - 1 - size / 2;        // window of d
   const int ulo = -((size - 1) / 2), uhi = size - 1 - (size - 1) / 2;  // channels whose window holds c
-  const I step = static_cast<I>(gridDim.x) * blockDim.x;
-  for (I q = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; q < g.total / V; q += step) {
-    I n, c0, s;
-    split_vec<V>(q, g, &n, &c0, &s);
-    float xv[L], gv[L];
-    load_neighbourhood<V, H>(x + n * sx.n + spatial_offset(s, g, sx), c0, g.C, xv);
-    load_neighbourhood<V, H>(gy + n * sg.n + spatial_offset(s, g, sg), c0, g.C, gv);
-    float term[M], pw[M];
-    backward_terms<V, 0, L, M, I>(xv, gv, lo, hi, alpha_over_size, beta, k, c0 - kReach, g.C, term, pw);
-    float out[V];
+  __shared__ uint4 sx_vec[kVecBlock + 2 * H], sg_vec[kVecBlock + 2 * H];
+  const I nvec = g.total / V;
+  const I step = static_cast<I>(gridDim.x) * kVecBlock;
+  for (I base = static_cast<I>(blockIdx.x) * kVecBlock; base < nvec; base += step) {  // uniform per block
+    stage_vectors<V, H>(x, sx, g, base, nvec, sx_vec);
+    stage_vectors<V, H>(gy, sg, g, base, nvec, sg_vec);
+    __syncthreads();
+    const I q = base + static_cast<I>(threadIdx.x);
+    if (q < nvec) {
+      I n, c0, s;
+      split_vec<V>(q, g, &n, &c0, &s);
+      float xv[L], gv[L];
+      staged_neighbourhood<V, H, T>(sx_vec, threadIdx.x, c0, g.C, xv);
+      staged_neighbourhood<V, H, T>(sg_vec, threadIdx.x, c0, g.C, gv);
+      float term[M], pw[M];
+      backward_terms<V, 0, L, M, I>(xv, gv, lo, hi, alpha_over_size, beta, k, c0 - kReach, g.C, term, pw);
+      float out[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      float acc = 0.f;
+      for (int j = 0; j < V; ++j) {
+        float acc = 0.f;
 #pragma unroll
-      for (int u = -kReach; u <= kReach; ++u) {
-        if (u >= ulo && u <= uhi) acc += term[kReach + j + u];
+        for (int u = -kReach; u <= kReach; ++u) {
+          if (u >= ulo && u <= uhi) acc += term[kReach + j + u];
+        }
+        const float g_c = gv[H * V + j], x_c = xv[H * V + j];
+        const float second = beta == 0.f ? x_c * 0.f : coef * x_c * acc;
+        out[j] = g_c / pw[kReach + j] - second;
       }
-      const float g_c = gv[H * V + j], x_c = xv[H * V + j];
-      const float second = beta == 0.f ? x_c * 0.f : coef * x_c * acc;
-      out[j] = g_c / pw[kReach + j] - second;
+      store_vec<V>(dx + n * sdx.n + spatial_offset(s, g, sdx) + c0, out);
     }
-    store_vec<V>(dx + n * sdx.n + spatial_offset(s, g, sdx) + c0, out);
+    __syncthreads();  // every thread has read the staged vectors before the next iteration
   }
 }
 
@@ -304,6 +349,7 @@ Strides<I> strides(const Shape& st) {
 }
 
 constexpr int kThreads = 256;
+static_assert(kThreads == kVecBlock, "the vector kernels stage kVecBlock vectors per block");
 
 template <class I>
 unsigned int blocks_for(I total) {

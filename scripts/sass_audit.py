@@ -77,14 +77,6 @@ def kernel_class(name: str) -> str:
 # with 64-bit instructions), "no-async" (a GEMM without the async-copy share), "hmma" (mma.sync
 # accepted on sm_90), "none" (only no spills). Written down in CONTRIBUTING.md ("Machine-code expectations") as well.
 EXCEPTIONS: dict[tuple[str, str], tuple[str, str]] = {
-    # A window of at most 9 channels reaches 4 channels past a thread's 16-byte vector on each side:
-    # the neighbouring vectors contribute 8 bytes each (16-bit types), which ptxas loads by LDG.64
-    # (inside the same 32-byte sector as the whole vector, which neighbouring threads load as their
-    # own); every other byte moves by 128-bit instructions.
-    ("cuda", "lrn_fwd_vec_kernel"): ("frac64", "halo of 4 channels (8 bytes) per side: LDG.64, a tile narrower "
-                                               "than 16 bytes"),
-    ("cuda", "lrn_bwd_vec_kernel"): ("frac64", "halo of 4 channels (8 bytes) per side of the output gradient: "
-                                               "LDG.64, a tile narrower than 16 bytes"),
 }
 
 

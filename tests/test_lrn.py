@@ -364,14 +364,17 @@ def _patch_cuda_glue(monkeypatch):
 
 # ----------------------------------------------------------------------------------------------
 # GPU: the CUDA kernels' 128-bit path (csrc/lrn.cu: channels_last, C a multiple of 8 for 16-bit
-# dtypes or 4 for float32, aligned pointers, windows of at most 9 channels) and the scalar path it
-# falls back to (a misaligned input, C = 60 for 16-bit dtypes, odd C, size 11, NCHW).
+# dtypes or 4 for float32, aligned pointers, windows of at most 9 channels; each block of 256
+# threads stages its vectors and their neighbours in shared memory: C = 24 in 16-bit types puts a
+# block boundary inside a position, C = 8 has no neighbouring vector in a position) and the scalar
+# path it falls back to (a misaligned input, C = 60 for 16-bit dtypes, odd C, size 11, NCHW).
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", parity.DTYPES)
 @pytest.mark.parametrize("C,misaligned,layout", [(64, False, "channels_last"), (64, True, "channels_last"),
                                                  (60, False, "channels_last"), (33, False, "channels_last"),
-                                                 (24, False, "channels_last"), (64, False, "contiguous")])
+                                                 (24, False, "channels_last"), (8, False, "channels_last"),
+                                                 (64, False, "contiguous")])
 @pytest.mark.parametrize("size", [1, 2, 5, 8, 9, 11])
 def test_cuda_vector_and_scalar_paths_gpu(dtype, C, misaligned, layout, size):
     if "cuda" not in parity.KERNEL_BACKENDS:
