@@ -164,7 +164,7 @@ def test_attention_prune_drops_the_spilling_rows(monkeypatch, arch):
     _, prune_all = KA.tuned_configs({64: [(64, 64, 4, 3)]}, triton.Config({}), {arch: {64: {(64, 64, 4, 3)}}})
     assert len(prune_all(_attn([(64, 64, 4, 3)]), {"Q": q, "BLOCK_D": 64, "BLOCK_DV": 64})) == 1
     # the kernels' own tables name real candidates of their head dim
-    for rows, tab in ((KA.FWD_TABLE, KA.FWD_SPILLS), (KB.DQ_TABLE, KB.DQ_SPILLS)):
+    for rows, tab in ((KA.FWD_TABLE, KA.FWD_SPILLS), (KB.DQ_TABLE, KB.DQ_SPILLS), (KB.DKDV_TABLE, KB.DKDV_SPILLS)):
         for per_dim in tab.values():
             for dim, bad in per_dim.items():
                 assert bad <= set(rows[dim]), "a stale entry: not a candidate"

@@ -30,7 +30,7 @@ from fastnets.kernels.attention import (LOG2E, block_d, drop_args, mask_args, ne
 def _bwd_delta(
     Out,     # [B, H, L, EV] forward output
     dOut,    # [B, H, L, EV] gradient of the output (any strides, possibly 0 where broadcast)
-    Delta,   # [B * H, L] float32 output: rowsum(dO * O)
+    LD,      # [B * H, L, 2] float32: writes LD[..., 1] = rowsum(dO * O) (LD[..., 0] holds lse)
     stride_ob, stride_oh, stride_ol, stride_od,
     stride_gb, stride_gh, stride_gl, stride_gd,
     H, L, EV,
@@ -50,14 +50,14 @@ def _bwd_delta(
                 mask=ok, other=0.0).to(tl.float32)
     g = tl.load(dOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gl + offs_dv[None, :] * stride_gd,
                 mask=ok, other=0.0).to(tl.float32)
-    tl.store(Delta + bh.to(tl.int64) * L + offs_m, tl.sum(o * g, 1), mask=offs_m < L)
+    tl.store(LD + (bh.to(tl.int64) * L + offs_m) * 2 + 1, tl.sum(o * g, 1), mask=offs_m < L)
 
 
 # ----------------------------------------------------------------------------------------------
 # dK, dV
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, seed, bh,
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, mask_base, ld_base, seed, bh,
                 offs_n, offs_d, offs_dv, m_lo, m_hi, L, S, E, EV,
                 stride_ql, stride_qd, stride_gl, stride_gd, stride_ml, stride_ms,
                 qk_scale, p_drop, drop_scale,
@@ -78,9 +78,13 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, 
                     mask=m_ok[:, None] & d_ok, other=0.0)                       # [BM, BD]
         do = tl.load(do_base + offs_m[:, None] * stride_gl + offs_dv[None, :] * stride_gd,
                      mask=m_ok[:, None] & dv_ok, other=0.0)                     # [BM, BDV]
-        # Rows past L get lse = +inf: their probabilities are 0 and they add nothing.
-        lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+        # The rows' (lse, delta) pairs as one contiguous run of 2 * BLOCK_M floats (vector
+        # loads: as two row vectors Triton 3.6 copies them 8 bytes at a time, as much per thread as of
+        # the q and dO tiles at head dim 64). Rows past L get lse = +inf: their probabilities are 0.
+        offs_p = 2 * m0 + tl.arange(0, 2 * BLOCK_M)
+        ld = tl.load(ld_base + offs_p, mask=offs_p < 2 * L, other=0.0)
+        lse, delta = tl.split(tl.reshape(ld, [BLOCK_M, 2]))
+        lse = tl.where(m_ok, lse * 1.4426950408889634, float("inf"))
         qkt = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)                 # [BN, BM]
         st = score_tile(qkt, rows, cols, mask_base + rows * stride_ml + cols * stride_ms,
                         (rows < L) & (cols < S), S, qk_scale, IS_CAUSAL, MASK_KIND, CAUSAL_MASK)
@@ -98,11 +102,14 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, 
 
 
 # Rows are (BLOCK_M, BLOCK_N, warps, stages); BLOCK_N is the key/value block each program owns.
+# Spilling rows (as attention.FWD_SPILLS; fp16, head dim 64): sm_80 64x64/4 warps and 64x128/8 warps
+# (Triton 3.6 and 3.9: 1-5 LDL/STL at 255 registers).
+DKDV_SPILLS = {8: {64: {(64, 64, 4, 3), (64, 128, 8, 2)}}}
+DKDV_TABLE = {64: [(64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3)],
+              128: [(16, 64, 4, 2), (16, 128, 8, 2), (32, 64, 8, 2), (32, 128, 8, 1), (64, 64, 8, 2)],
+              256: [(16, 32, 4, 2), (32, 32, 8, 2)]}
 _DKDV_CONFIGS, _dkdv_prune = tuned_configs(
-    {64: [(64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3)],
-     128: [(16, 64, 4, 2), (16, 128, 8, 2), (32, 64, 8, 2), (32, 128, 8, 1), (64, 64, 8, 2)],
-     256: [(16, 32, 4, 2), (32, 32, 8, 2)]},
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1))
+    DKDV_TABLE, triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1), DKDV_SPILLS)
 
 
 @_common.autotune(configs=_DKDV_CONFIGS, key=["seq_bucket", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "DROPOUT"],
@@ -115,8 +122,7 @@ def _attn_bwd_dkdv(
     Mask,    # [B, H, L, S] attention mask by strides (unused if MASK_KIND == 0)
     Rng,     # [1] int64 Philox seed (unused without DROPOUT)
     dOut,    # [B, H, L, EV] gradient of the output
-    Lse,     # [B * H, L] float32 forward log-sum-exp
-    Delta,   # [B * H, L] float32 rowsum(dO * O)
+    LD,      # [B * H, L, 2] float32 (lse, rowsum(dO * O)) per row, interleaved (see backward)
     dK,      # [B, H // GROUP, S, E] output
     dV,      # [B, H // GROUP, S, EV] output
     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -165,12 +171,11 @@ def _attn_bwd_dkdv(
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
         do_base = dOut + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
         mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
-        lse_base = Lse + bh.to(tl.int64) * L
-        delta_base = Delta + bh.to(tl.int64) * L
+        ld_base = LD + bh.to(tl.int64) * L * 2
         # Under is_causal only query rows i >= n0 see this block (and every block is masked:
         # one loop keeps the register pressure of one copy of the body; ptxas-checked).
         m_lo = (n0 // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, seed, bh,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, mask_base, ld_base, seed, bh,
                              offs_n, offs_d, offs_dv, m_lo, L, L, S, E, EV,
                              stride_ql, stride_qd, stride_gl, stride_gd, stride_ml, stride_ms,
                              qk_scale, p_drop, drop_scale, IS_CAUSAL, MASK_KIND, DROPOUT, IS_CAUSAL,
@@ -250,8 +255,7 @@ def _attn_bwd_dq(
     Mask,    # [B, H, L, S] attention mask by strides (unused if MASK_KIND == 0)
     Rng,     # [1] int64 Philox seed (unused without DROPOUT)
     dOut,    # [B, H, L, EV] gradient of the output
-    Lse,     # [B * H, L] float32 forward log-sum-exp
-    Delta,   # [B * H, L] float32 rowsum(dO * O)
+    LD,      # [B * H, L, 2] float32 (lse, rowsum(dO * O)) per row, interleaved (see backward)
     dQ,      # [B, H, L, E] output
     dS,      # [B * H, L, S] float32 output, contiguous, zero-filled: the scores' gradient (if STORE_DS)
     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -287,8 +291,8 @@ def _attn_bwd_dq(
     do = tl.load(dOut + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh
                  + offs_m[:, None] * stride_gl + offs_dv[None, :] * stride_gd,
                  mask=m_ok[:, None] & (offs_dv[None, :] < EV), other=0.0)      # [BM, BDV]
-    lse = tl.load(Lse + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(Delta + bh.to(tl.int64) * L + offs_m, mask=m_ok, other=0.0)
+    lse = tl.load(LD + (bh.to(tl.int64) * L + offs_m) * 2, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(LD + (bh.to(tl.int64) * L + offs_m) * 2 + 1, mask=m_ok, other=0.0)
     seed = 0
     if DROPOUT:
         seed = tl.load(Rng)
@@ -331,21 +335,25 @@ def backward(grad_out, q, k, v, out, lse, mask, rng, dropout_p: float, is_causal
     prec = _common.dot_precision(q.dtype)
     idx64 = needs_int64((q, L, E), (k, S, E), (v, S, EV), (out, L, EV), (grad_out, L, EV), (mask, L, S),
                         (dq, L, E), (dk, S, E), (dv, S, EV))
-    delta = torch.empty(B * H, L, dtype=torch.float32, device=q.device)
-    if delta.numel():
+    # Per row (lse, delta) interleaved, so that the dK/dV loop loads a query block's pairs as one
+    # contiguous run by 128-bit async copies (as two row vectors, Triton 3.6 copies them 8 bytes at a
+    # time, as many bytes per thread as of the q and dO tiles at head dim 64: SASS audit, issue 12).
+    ld = torch.empty(B * H, L, 2, dtype=torch.float32, device=q.device)
+    if ld.numel():
+        ld[:, :, 0].copy_(lse.reshape(B * H, L))
         torch.library.wrap_triton(_bwd_delta)[(triton.cdiv(L, 32) * B * H,)](
-            out, grad_out, delta, *out.stride(), *grad_out.stride(), H, L, EV, BLOCK_M=32, BLOCK_DV=BDV, IDX64=idx64)
+            out, grad_out, ld, *out.stride(), *grad_out.stride(), H, L, EV, BLOCK_M=32, BLOCK_DV=BDV, IDX64=idx64)
     rng_arg = rng if rng is not None else lse
     common = (H, L, S, E, EV, H // Hkv, _common.next_pow2(max(L, S)), scale * LOG2E, scale, p, drop_scale)
     flags = dict(IS_CAUSAL=bool(is_causal), MASK_KIND=kind, DROPOUT=rng is not None,
                  BLOCK_D=BD, BLOCK_DV=BDV, DOT_PREC=prec, IDX64=idx64)
     if S > 0 and B * Hkv > 0:
         torch.library.wrap_triton(_attn_bwd_dkdv)[lambda meta: (triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv,)](
-            q, k, v, m, rng_arg, grad_out, lse, delta, dk, dv,
+            q, k, v, m, rng_arg, grad_out, ld, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *ms, *grad_out.stride(), *dk.stride(), *dv.stride(),
             *common, **flags)
     if L > 0 and B * H > 0:
         torch.library.wrap_triton(_attn_bwd_dq)[lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * B * H,)](
-            q, k, v, m, rng_arg, grad_out, lse, delta, dq, ds if ds is not None else delta,
+            q, k, v, m, rng_arg, grad_out, ld, dq, ds if ds is not None else ld,
             *q.stride(), *k.stride(), *v.stride(), *ms, *grad_out.stride(), *dq.stride(),
             *common, STORE_DS=ds is not None, **flags)
