@@ -63,6 +63,32 @@ def use_backend(name: str) -> Iterator[str]:
         _current = previous
 
 
+# The reference backend's training path takes stock shortcuts on the CPU (conv -> batch-norm ->
+# activation as the stock ops with their own autograd) where the kernels' formulation (statistics
+# from the convolution's epilogue, batch_norm_act_train with given statistics, the pre-activation
+# recomputed in the backward) would cost extra passes. Tests switch the shortcuts off to run the
+# kernels' formulation through torch ops, whole models included (tests/test_fuse_formulation.py).
+_kernel_formulation = False
+
+
+def kernel_formulation_forced() -> bool:
+    return _kernel_formulation
+
+
+@contextlib.contextmanager
+def kernel_formulation(enabled: bool = True) -> Iterator[None]:
+    """Within the block the torch reference follows the kernels' formulation everywhere (no stock
+    shortcut), so that the math the GPU kernels implement can be checked on a CPU, in float64.
+    Process-wide, not per thread."""
+    global _kernel_formulation
+    previous = _kernel_formulation
+    _kernel_formulation = bool(enabled)
+    try:
+        yield
+    finally:
+        _kernel_formulation = previous
+
+
 # ----------------------------------------------------------------------------------------------
 # What is available here, and why not.
 

@@ -48,7 +48,8 @@ def _folded_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d | None):
                 w, b = fold_batch_norm(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight,
                                        bn.bias, bn.eps, dtype=dtype)
             else:
-                w, b = conv.weight.to(dtype), (conv.bias.float() if conv.bias is not None else None)
+                w = conv.weight.to(dtype)
+                b = conv.bias.to(torch.promote_types(dtype, torch.float32)) if conv.bias is not None else None
             if w.is_cuda:
                 w = w.contiguous(memory_format=torch.channels_last)
         if cacheable:

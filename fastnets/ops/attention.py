@@ -190,11 +190,13 @@ def _stock_mask(mask, q):
 def _stock_sdpa(q, k, v, mask, rng):
     """The mask to give torch's own fused CPU attention (aten::_scaled_dot_product_flash_attention_for_cpu,
     what F.scaled_dot_product_attention runs on a CPU), or False where the reference must compute it
-    itself: dropout (the reference's own generator mask), head dims that differ, grouped heads,
+    itself: dropout (the reference's own generator mask), the kernels' formulation forced
+    (_dispatch.kernel_formulation), head dims that differ, grouped heads,
     a float mask in another dtype than the query's, a last dimension that is not dense (torch's
     kernel needs a unit stride there: stock SDPA takes its math path too), tensors not on the CPU."""
-    if rng is not None or q.device.type != "cpu" or q.shape[-1] != v.shape[-1] or k.shape[1] != q.shape[1] \
-            or 0 in q.shape or 0 in k.shape or any(t.stride(-1) != 1 for t in (q, k, v)):
+    if rng is not None or q.device.type != "cpu" or _dispatch.kernel_formulation_forced() \
+            or q.shape[-1] != v.shape[-1] or k.shape[1] != q.shape[1] or 0 in q.shape \
+            or 0 in k.shape or any(t.stride(-1) != 1 for t in (q, k, v)):
         return False
     m = _stock_mask(mask, q)
     return False if (m is not None and m is not False and m.shape[-1] > 1 and m.stride(-1) != 1) else m

@@ -170,9 +170,45 @@ def _cba_fake(x, w, b, residual, stride, padding, dilation, groups, act, channel
     return y, z
 
 
+# oneDNN's convolution with the activation (and the residual add) as post-ops: what torch.compile's
+# CPU backend emits for conv -> activation, one pass over the output instead of two or three, the
+# convolution itself the same primitive F.conv2d runs (bit-identical before the post-ops).
+_ONEDNN_ACT = {1: ("relu", []), 2: ("hardtanh", [0.0, 6.0]), 3: ("swish", []), 5: ("sigmoid", [])}
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _onednn_conv_act(x, w, bias, residual, stride, padding, dilation, groups, act):
+    """act(conv2d(x, w, bias) + residual) in one oneDNN call, or None where that does not apply:
+    float32 CPU tensors in a dense layout, a nonempty output, an activation oneDNN has (relu,
+    relu6, silu, sigmoid), a residual of the output's shape, dtype and memory format (with relu
+    only: torch's binary conv post-op takes no other activation after the add)."""
+    if (act not in _ONEDNN_ACT or x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32
+            or x.dim() != 4 or not torch.backends.mkldnn.is_available() or x.numel() == 0
+            or not (_dense(x) and _dense(w)) or (bias is not None and bias.dtype != torch.float32)):
+        return None
+    attr, scalars = _ONEDNN_ACT[act]
+    if residual is None:
+        return torch.ops.mkldnn._convolution_pointwise(x, w, bias, padding, stride, dilation, groups, attr, scalars,
+                                                       "")
+    shape = _out_shape(x, w, stride, padding, dilation)
+    fmt = torch.channels_last if _out_channels_last(x, w) else torch.contiguous_format
+    if (act != 1 or list(residual.shape) != list(shape) or residual.dtype != torch.float32 or residual.device != x.device
+            or not residual.is_contiguous(memory_format=fmt)):
+        return None
+    return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, w, bias, padding, stride, dilation, groups,
+                                                          "add", 1.0, attr, scalars, "")
+
+
 def _cba_torch(x, w, b, residual, stride, padding, dilation, groups, act, channels_last, save_z):
     _dispatch.record("conv_bn_act", "torch")
     bias = b.to(x.dtype) if (b is not None and b.dtype != x.dtype) else b
+    if not save_z:
+        y = _onednn_conv_act(x, w, bias, residual, stride, padding, dilation, groups, act)
+        if y is not None:
+            return y.contiguous(memory_format=_fmt(channels_last)), x.new_empty((0,))
     z = F.conv2d(x, w, bias, stride, padding, dilation, groups)
     if residual is not None:
         z = z.add_(residual)
@@ -328,7 +364,8 @@ def _grad_fake(dy, z, act):
 
 def _grad_torch(dy, z, act):
     _dispatch.record("conv_bn_act", "torch")
-    return _activation.grad(z.float(), dy.float(), act).to(dy.dtype)
+    ct = torch.promote_types(dy.dtype, torch.float32)  # float64 stays float64
+    return _activation.grad(z.to(ct), dy.to(ct), act).to(dy.dtype)
 
 
 def _dense_like(dy, z):
@@ -375,7 +412,7 @@ def _conv_backward(ctx, dz):
             dz.to(x.dtype), x, w, None, ctx.conv_args[0], ctx.conv_args[1], ctx.conv_args[2], False, [0, 0],
             ctx.conv_args[3], [need_x, need_w, False])
     if need_b:  # summed in float32 (the folded bias is float32: no half-precision rounding on the way)
-        db = dz.sum(dim=(0, 2, 3), dtype=torch.float32).to(ctx.bias_dtype)
+        db = dz.sum(dim=(0, 2, 3), dtype=torch.promote_types(dz.dtype, torch.float32)).to(ctx.bias_dtype)
     return (dx if need_x else None), (dw if need_w else None), db
 
 
@@ -639,7 +676,7 @@ def _train_bn(x, w, b, running_mean, running_var, bn_weight, bn_bias, residual, 
     rows = x.shape[0] * geo[4][0] * geo[4][1]
     backend = _dispatch.choose("conv_bn_act", x.device, _unsupported(x, w, groups, rows),
                                probe=lambda: _probe(x, w, b, list(geo[0]), pad, list(geo[3]), groups))
-    if backend == "torch":
+    if backend == "torch" and not _dispatch.kernel_formulation_forced():
         return _train_bn_torch(x, w, b, running_mean, running_var, bn_weight, bn_bias, residual, list(geo[0]), pad,
                                list(geo[3]), groups, momentum, eps, activation)
     z, mean, var = _stats_ops[backend](x, w, b, list(geo[0]), pad, list(geo[3]), groups, channels_last)

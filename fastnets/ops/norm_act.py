@@ -491,7 +491,7 @@ def _run(x, running_mean, running_var, weight, bias, training, momentum, eps, ac
         y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         return _activation.apply(y if residual is None else y + residual, act)
     backend = _dispatch.choose(OP, x.device, _unsupported(x))
-    if training and backend == "torch" and batch_mean is None:
+    if training and backend == "torch" and batch_mean is None and not _dispatch.kernel_formulation_forced():
         # The reference (CPU) path in training: stock batch-norm with its own autograd (it keeps its
         # batch statistics for the backward), then the residual and the activation in place as the
         # unfused layers do: the same passes as stock, none recomputed in the backward.
