@@ -128,8 +128,18 @@ def test_conv_prune_drops_the_spilling_candidates(monkeypatch, arch, dtype):
     remain = {p: len(set(candidates) - KC.spilling(arch, p == "flat", 1 if p != "strided" else 3136,
                                                    1 if p == "strided" else 8, p == "res"))
               for p in ("flat", "nhwc", "res", "strided")}
-    assert remain == ({"flat": 2, "nhwc": 6, "res": 6, "strided": 1} if arch == 8 else
+    flat8 = {"3.6": 2, "3.9": 4}.get(KC.TRITON, 2)
+    assert remain == ({"flat": flat8, "nhwc": 6, "res": 6, "strided": 1} if arch == 8 else
                       {"flat": 3, "nhwc": 10, "res": 8, "strided": 1})
+
+
+def test_conv_sm80_flat_row_per_triton_version():
+    """sm_80's flattened reduction has a spill row per Triton version (no candidate is clean under both):
+    each names real candidates and leaves some; the installed version's row (3.6's when not measured)."""
+    for rows in KC._FLAT_SM80.values():
+        assert rows <= set(KC._BOTH) and set(KC._BOTH) - rows
+    assert not set(KC._BOTH) - set().union(*KC._FLAT_SM80.values())  # why one row for both cannot do
+    assert KC._SPILLS[8]["flat"] == KC._FLAT_SM80.get(KC.TRITON, KC._FLAT_SM80["3.6"])
 
 
 def test_conv_shared_memory_estimate_is_what_the_compiles_report():
