@@ -151,6 +151,34 @@ def test_vector_paths_agree(backend, layout, monkeypatch):
             assert torch.equal(out_s, out) and torch.equal(dx_s, ref_dx)
 
 
+def test_module_and_fuse_reach_the_vector_path(monkeypatch):
+    # Issue 12: AlexNet's conv -> ReLU -> LRN. fuse() stores the conv weights channels_last (its
+    # default), so the activations are NHWC whatever the input's layout, and the LRN kernels get
+    # channels-contiguous 16-byte runs: CH_INNER with VEC = 8. With the drop-in module (or
+    # fuse(channels_last=False)) the layout is the input's: NCHW with a plane that is a multiple of 8
+    # positions is vectorized too; an odd plane (AlexNet's 55x55) cannot be, each channel row starting
+    # 2 bytes off alignment: VEC = 1 (CONTRIBUTING, machine-code expectations: not a fast path).
+    from fastnets.kernels import lrn as K
+
+    seen = []
+    real = K._grid_args
+    monkeypatch.setattr(K, "_grid_args", lambda C, S, inner, N, vec: seen.append((inner, vec)) or real(C, S, inner, N, vec))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.LocalResponseNorm(5, 5e-4, 0.75, 2.0))
+    model = model.to(DEVICE).eval().half()
+    drop_in = torch.nn.Sequential(model[0], model[1], fnn.LocalResponseNorm(5, 5e-4, 0.75, 2.0))
+    for layout, hw in (("channels_last", 9), ("contiguous", 9), ("contiguous", 10)):
+        x = parity.rand(2, 3, hw, hw, dtype=torch.float16, layout=layout)  # planes 7x7 (odd) or 8x8
+        as_input = (True, 8) if layout == "channels_last" else (False, 1 if hw == 9 else 8)
+        with parity.ran_on("triton", "lrn"):
+            for m, want in ((fastnets.fuse(model), (True, 8)), (drop_in, as_input),
+                            (fastnets.fuse(model, channels_last=False), as_input)):
+                seen.clear()
+                with torch.no_grad():
+                    y = m(x)
+                assert seen == [want], (layout, hw, seen)
+                assert y.is_contiguous(memory_format=torch.channels_last) == want[0]
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("alpha,beta,k", [
     (0.5, 0.0, 1.0),  # beta = 0: the identity, whatever d is (torch's pow(d, 0) = 1)
