@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastnets.ops import _activation
-from fastnets.ops.conv import _conv_bn_act, fold_batch_norm
+from fastnets import _dispatch
+from fastnets.ops.conv import _conv_bn_act, cpu_inference, fold_batch_norm
 
 __all__ = ["ConvBNAct2d", "ConvAct2d", "fused_conv_bn_act"]
 
@@ -73,6 +74,16 @@ def fused_conv_bn_act(input, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, 
     kw = dict(stride=conv.stride, padding=padding, dilation=conv.dilation, groups=conv.groups,
               activation=activation, residual=residual)
     cache = None if torch.compiler.is_compiling() else _folded_weights(conv, bn)
+    if (cache is not None and not torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.dim() == 4
+            and x.device.type == "cpu" and x.dtype == torch.float32 and isinstance(padding, tuple)
+            and (bn is None or not (bn.training or bn.running_mean is None))
+            and not torch.is_autocast_enabled("cpu") and _dispatch.choose("conv_bn_act", x.device) == "torch"):
+        # Inference on a CPU: the cached fold through the reference ops, without the full path's per-call Python.
+        w, b = cache(torch.float32)
+        y = cpu_inference(x, w, b, residual, conv.stride, padding, conv.dilation, conv.groups,
+                          _activation.code(activation), conv.weight)
+        if y is not None:
+            return y
     if bn is None:
         return _conv_bn_act(x, conv.weight, conv.bias, None, None, None, None, training=False, momentum=0.0,
                             eps=0.0, has_bn=False, cache=cache, **kw)

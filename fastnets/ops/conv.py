@@ -170,45 +170,27 @@ def _cba_fake(x, w, b, residual, stride, padding, dilation, groups, act, channel
     return y, z
 
 
-# oneDNN's convolution with the activation (and the residual add) as post-ops: what torch.compile's
-# CPU backend emits for conv -> activation, one pass over the output instead of two or three, the
-# convolution itself the same primitive F.conv2d runs (bit-identical before the post-ops).
-_ONEDNN_ACT = {1: ("relu", []), 2: ("hardtanh", [0.0, 6.0]), 3: ("swish", []), 5: ("sigmoid", [])}
-
-
-def _dense(t: torch.Tensor) -> bool:
-    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
-
-
-def _onednn_conv_act(x, w, bias, residual, stride, padding, dilation, groups, act):
-    """act(conv2d(x, w, bias) + residual) in one oneDNN call, or None where that does not apply:
-    float32 CPU tensors in a dense layout, a nonempty output, an activation oneDNN has (relu,
-    relu6, silu, sigmoid), a residual of the output's shape, dtype and memory format (with relu
-    only: torch's binary conv post-op takes no other activation after the add)."""
-    if (act not in _ONEDNN_ACT or x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32
-            or x.dim() != 4 or not torch.backends.mkldnn.is_available() or x.numel() == 0
-            or not (_dense(x) and _dense(w)) or (bias is not None and bias.dtype != torch.float32)):
-        return None
-    attr, scalars = _ONEDNN_ACT[act]
-    if residual is None:
-        return torch.ops.mkldnn._convolution_pointwise(x, w, bias, padding, stride, dilation, groups, attr, scalars,
-                                                       "")
-    shape = _out_shape(x, w, stride, padding, dilation)
-    fmt = torch.channels_last if _out_channels_last(x, w) else torch.contiguous_format
-    if (act != 1 or list(residual.shape) != list(shape) or residual.dtype != torch.float32 or residual.device != x.device
-            or not residual.is_contiguous(memory_format=fmt)):
-        return None
-    return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, w, bias, padding, stride, dilation, groups,
-                                                          "add", 1.0, attr, scalars, "")
+def cpu_inference(x, w, b, residual, stride, padding, dilation, groups, act, weight):
+    """The CPU reference path of an inference call from the modules, with no more Python than stock
+    spends on conv -> batch-norm -> activation: x a float32 CPU tensor [N, C, H, W], w and b the
+    module's cached (folded) inference weight and bias, integer stride/padding/dilation pairs, no
+    gradient, no autocast. act(conv(x, w, b) + residual) by the ops _cba_torch runs, in the memory
+    format the full path gives (channels_last when x or the module's `weight` is), or None where
+    the full path must run (its checks, a residual that broadcasts or has another dtype)."""
+    if x.shape[1] != w.shape[1] * groups:
+        return None  # the full path's error message
+    y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor) or residual.shape != y.shape or residual.dtype != y.dtype:
+            return None
+        y = y.add_(residual)
+    _dispatch.record("conv_bn_act", "torch")
+    return _activation.apply_(y.contiguous(memory_format=_fmt(_out_channels_last(x, weight))), act)
 
 
 def _cba_torch(x, w, b, residual, stride, padding, dilation, groups, act, channels_last, save_z):
     _dispatch.record("conv_bn_act", "torch")
     bias = b.to(x.dtype) if (b is not None and b.dtype != x.dtype) else b
-    if not save_z:
-        y = _onednn_conv_act(x, w, bias, residual, stride, padding, dilation, groups, act)
-        if y is not None:
-            return y.contiguous(memory_format=_fmt(channels_last)), x.new_empty((0,))
     z = F.conv2d(x, w, bias, stride, padding, dilation, groups)
     if residual is not None:
         z = z.add_(residual)
