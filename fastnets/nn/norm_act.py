@@ -7,12 +7,11 @@ average), num_batches_tracked and affine=False behave exactly as nn.BatchNorm2d'
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastnets import _dispatch
 from fastnets.ops import _activation
-from fastnets.ops.norm_act import OP, batch_norm_act
+from fastnets.ops.norm_act import OP, batch_norm_act, cpu_inference
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
@@ -48,11 +47,9 @@ def fused_batch_norm_act(input: torch.Tensor, bn: nn.BatchNorm2d, activation: st
     use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     if (not use_batch_stats and residual is None and input.device.type == "cpu"
             and input.dtype in (torch.float32, torch.float64) and _dispatch.choose(OP, input.device) == "torch"):
-        # Inference on a CPU: the reference is stock's own pair of ops, so it runs with stock's
-        # per-call cost (the functional's checks would add about 50 us per layer: 3% of DenseNet-121).
-        _dispatch.record(OP, "torch")
-        y = F.batch_norm(input, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-        return _activation.apply_(y, _activation.code(activation))
+        # Inference on a CPU: stock's own pair of ops with stock's per-call cost (the functional's
+        # checks would add about 50 us per layer: 3% of DenseNet-121).
+        return cpu_inference(input, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps, activation)
     keep = not bn.training or bn.track_running_stats
     stats = (bn.running_mean if keep else None, bn.running_var if keep else None)
     if residual is not None and not (isinstance(residual, torch.Tensor) and residual.dtype == input.dtype and

@@ -507,6 +507,15 @@ def _run(x, running_mean, running_var, weight, bias, training, momentum, eps, ac
     return _library.call(ops, backend, x, mean, var, weight, bias, residual, eps, act, training)
 
 
+def cpu_inference(x, running_mean, running_var, weight, bias, eps, activation):
+    """The modules' CPU inference shortcut (nn/norm_act.py): eval batch-norm + activation as stock's
+    own two ops (F.batch_norm, then the activation in place), which is what the reference backend
+    computes, without the functional's per-call checks (F.batch_norm raises its own errors)."""
+    _dispatch.record(OP, "torch")
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, False, 0.0, eps)
+    return _activation.apply_(y, _activation.code(activation))
+
+
 def batch_norm_act(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                    weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
                    momentum: float = 0.1, eps: float = 1e-5, activation: str | None = "relu",
