@@ -78,6 +78,28 @@ CASES = [
 CASE_IDS = [c.name for c in CASES]
 
 
+def no_dropout(model):
+    """Dropout and stochastic depth (torchvision, timm) off: their random draws are not what a parity test checks."""
+    for m in model.modules():
+        if isinstance(m, (nn.Dropout, nn.Dropout2d, nn.AlphaDropout)) or type(m).__name__ in ("StochasticDepth",
+                                                                                             "DropPath"):
+            for attr in ("p", "drop_prob"):
+                if isinstance(getattr(m, attr, None), float):
+                    setattr(m, attr, 0.0)
+    return model
+
+
+def flat_outputs(out):
+    """A model's outputs as a list of tensors (dicts in key order, tuples and lists flattened)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for k in sorted(out) for t in flat_outputs(out[k])]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in flat_outputs(o)]
+    raise TypeError(f"unexpected output {type(out).__name__}")
+
+
 def randomize(model: nn.Module) -> nn.Module:
     """Fresh random values (never zeros) in every parameter and batch-norm statistic, scaled so
     that activations stay of order one: the builders' initializations leave some at zero (ViT's

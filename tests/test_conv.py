@@ -819,15 +819,20 @@ ASYNC_CASES = [Case("async3x3s2_res", 3, 48, (13, 11), 72, 3, stride=2, padding=
                Case("gather_cg12", 2, 12, (7, 6), 16, 3, padding=1, residual=True)]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", ASYNC_CASES, ids=str)
-def test_cuda_async_copy_and_gather_paths_gpu(case, dtype):
+def _check_cuda_paths(case, dtype):
+    """The CUDA backend on one case: channels_last in eval, train and without batch-norm, and NCHW."""
     if "cuda" not in KERNEL_BACKENDS:
         pytest.skip("fastnets._C sees no device")
     for mode in ("eval", "train", "nobn"):
         _check(case, dtype, "channels_last", mode, "cuda")
     _check(case, dtype, "contiguous", "nobn", "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ASYNC_CASES, ids=str)
+def test_cuda_async_copy_and_gather_paths_gpu(case, dtype):
+    _check_cuda_paths(case, dtype)
 
 
 @pytest.mark.gpu
@@ -896,11 +901,7 @@ DW_VEC_CASES = [Case("dwvec3x3s2_bias_res", 3, 40, (13, 11), 40, 3, stride=2, pa
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", DW_VEC_CASES, ids=str)
 def test_cuda_depthwise_vector_and_scalar_paths_gpu(case, dtype):
-    if "cuda" not in KERNEL_BACKENDS:
-        pytest.skip("fastnets._C sees no device")
-    for mode in ("eval", "train", "nobn"):
-        _check(case, dtype, "channels_last", mode, "cuda")
-    _check(case, dtype, "contiguous", "nobn", "cuda")
+    _check_cuda_paths(case, dtype)
 
 
 @pytest.mark.gpu

@@ -28,33 +28,17 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 import _thirdparty
 import fastnets
 from fastnets import _dispatch
+from model_cases import flat_outputs as _flat
+from model_cases import no_dropout as _no_dropout
 from model_cases import randomize
 
 BOUND = 1e-8
 FLOOR = 1e-3  # gradients that are zero in exact arithmetic (a per-channel shift followed by a
 # training-mode batch-norm) are ~1e-12 in float64: measured against this norm, not their own
-
-
-def _flat(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for k in sorted(out) for t in _flat(out[k])]
-    return [t for o in out for t in _flat(o)]
-
-
-def _no_dropout(model):
-    for m in model.modules():
-        for attr in ("p", "drop_prob"):
-            if type(m).__name__ in ("Dropout", "Dropout2d", "StochasticDepth", "DropPath") \
-                    and isinstance(getattr(m, attr, None), float):
-                setattr(m, attr, 0.0)
-    return model
 
 
 def _step(model, x, weights):

@@ -20,13 +20,14 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 import _thirdparty
 from _coverage import coverage, format_coverage
 import fastnets
 import parity
 from fastnets import _dispatch
+from model_cases import flat_outputs as _flat
+from model_cases import no_dropout as _no_dropout
 from model_cases import randomize
 
 # The default run (CI's time budget) takes training steps on a core set; FASTNETS_THIRDPARTY_FULL=1
@@ -75,26 +76,6 @@ def _coverage(name, stock, fused, x, record_property):
 
 # ----------------------------------------------------------------------------------------------
 # The comparison.
-
-def _no_dropout(model):
-    for m in model.modules():
-        if isinstance(m, (nn.Dropout, nn.Dropout2d, nn.AlphaDropout)) or type(m).__name__ in ("StochasticDepth",
-                                                                                             "DropPath"):
-            for attr in ("p", "drop_prob"):
-                if isinstance(getattr(m, attr, None), float):
-                    setattr(m, attr, 0.0)
-    return model
-
-
-def _flat(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for k in sorted(out) for t in _flat(out[k])]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flat(o)]
-    raise TypeError(f"unexpected output {type(out).__name__}")
-
 
 def _step(model, x, train, weights=None):
     model.train(train)
