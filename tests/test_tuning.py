@@ -197,3 +197,20 @@ def test_pool_prune_drops_the_spilling_tiles(monkeypatch, arch):
         assert prune(configs[:1], {}) == configs[:1]  # never an empty list
     if arch:
         assert (4096, 4) in KP.BWD_SPILLS[arch]  # the backward's largest tile over 4 warps, everywhere
+
+
+@pytest.mark.parametrize("arch", [0, 8, 9])
+def test_pool_prune_keeps_128_bit_tiles_for_16_bit_data(monkeypatch, arch):
+    """kernels/pool.py: a tile giving a thread fewer than 16 bytes (TILE=1024 over 8 warps in fp16:
+    64-bit loads) is pruned for 16-bit data and kept for fp32, whose 4 elements per thread are 128-bit."""
+    from fastnets.kernels import pool as KP
+
+    monkeypatch.setattr(KP, "ARCH_MAJOR", arch)
+    configs = [triton.Config({"TILE": t}, num_warps=w) for t in (1024, 2048, 4096) for w in (4, 8)]
+    for spills in (KP.FWD_SPILLS, KP.BWD_SPILLS):
+        prune = KP._pruner(spills)["early_config_prune"]
+        half = [(c.kwargs["TILE"], c.num_warps) for c in prune(configs, {"x": torch.empty(1, dtype=torch.float16)})]
+        full = [(c.kwargs["TILE"], c.num_warps) for c in prune(configs, {"x": torch.empty(1, dtype=torch.float32)})]
+        assert (1024, 8) not in half and half and all(t // (32 * w) * 2 >= 16 for t, w in half)
+        assert full == [(c.kwargs["TILE"], c.num_warps) for c in configs
+                        if (c.kwargs["TILE"], c.num_warps) not in spills.get(arch, set())]

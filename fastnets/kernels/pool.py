@@ -355,10 +355,24 @@ FWD_SPILLS = {8: {(1024, 4)}}
 BWD_SPILLS = {8: {(4096, 4)}, 9: {(4096, 4), (1024, 8)}}
 
 
+def _element_size(named_args) -> int | None:
+    """The element size of the launch's first tensor argument (the data pooled), or None."""
+    for v in named_args.values():
+        if isinstance(v, torch.Tensor):
+            return v.element_size()
+    return None
+
+
 def _pruner(spills):
+    """Drops the (TILE, warps) that spill on this architecture, and the tiles that give a thread
+    fewer than 16 bytes of the data (TILE / (32 * warps) elements: 4 halves over 8 warps): their
+    loads cannot be 128-bit (the SASS audit's sm_80 first fp16 candidate once (1024, 4) is pruned)."""
     def prune(configs, named_args, **kwargs):
         drop = spills.get(ARCH_MAJOR, set())
-        return [c for c in configs if (c.kwargs["TILE"], c.num_warps) not in drop] or configs
+        esize = _element_size(named_args)
+        keep = [c for c in configs if (c.kwargs["TILE"], c.num_warps) not in drop
+                and (esize is None or c.kwargs["TILE"] // (32 * c.num_warps) * esize >= 16)]
+        return keep or configs
     return {"early_config_prune": prune}
 
 
