@@ -64,13 +64,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fastnets import _dispatch
 from fastnets import _fuse_guard as _guard
 from fastnets import _fuse_thirdparty as _tp
 from fastnets import functional as FF
 from fastnets import nn as fnn
 from fastnets.models._common import FusedSequential, activation_name
-from fastnets.nn.conv import fused_conv_bn_act
+from fastnets.nn.conv import conv_act_max_pool, fused_conv_bn_act
 from fastnets.nn.norm_act import fused_batch_norm_act
 from fastnets.ops import _activation
 
@@ -118,17 +117,6 @@ def _conv_bn_act_call(input, conv, bn, activation, residual=None):
     return _activation.apply(out + residual, _activation.code(activation))
 
 
-def _conv_act_max_pool_call(input, conv, bn, activation, pool):
-    """pool(act(bn(conv(input)))) for a relu/relu6 followed by a max-pool. In CPU inference the
-    activation runs after the pool (a max commutes with a non-decreasing function, padding and NaN
-    included): its pass covers the pooled output, 2-4x smaller. Elsewhere the fused conv applies it
-    (free in the kernels' epilogue) and the pool follows, as the stock graph."""
-    if (not torch.is_grad_enabled() and isinstance(input, torch.Tensor) and input.device.type == "cpu"
-            and _dispatch.choose("conv_bn_act", input.device) == "torch"):
-        return _activation.apply_(pool(fused_conv_bn_act(input, conv, bn, None)), _activation.code(activation))
-    return pool(fused_conv_bn_act(input, conv, bn, activation))
-
-
 def _bn_act_call(input, bn, activation, residual=None):
     return fused_batch_norm_act(input, bn, activation, residual)
 
@@ -137,7 +125,7 @@ def _linear_act_call(input, linear, activation):
     return FF.linear_act(input, linear.weight, linear.bias, activation)
 
 
-_FUSED_CALLS = (_conv_bn_act_call, _conv_act_max_pool_call, _bn_act_call, _linear_act_call)
+_FUSED_CALLS = (_conv_bn_act_call, conv_act_max_pool, _bn_act_call, _linear_act_call)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -614,7 +602,7 @@ class _GraphRewriter:
 
     def pool_after_activation(self) -> None:
         """A fused conv -> relu/relu6 whose sole user is a max-pool module becomes one call that
-        can run the activation after the pool (_conv_act_max_pool_call)."""
+        can run the activation after the pool (conv_act_max_pool)."""
         for node in list(self.graph.nodes):
             if node.op != "call_function" or node.target is not _conv_bn_act_call or len(node.users) != 1:
                 continue
@@ -627,7 +615,7 @@ class _GraphRewriter:
             if not isinstance(pool, nn.MaxPool2d) or pool.return_indices or _has_hooks(pool):
                 continue
             with self.graph.inserting_before(user):
-                new = self.graph.call_function(_conv_act_max_pool_call,
+                new = self.graph.call_function(conv_act_max_pool,
                                                (x, conv, bn, act, self.graph.get_attr(user.target)))
             user.replace_all_uses_with(new)
             self.graph.erase_node(user)

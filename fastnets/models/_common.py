@@ -13,14 +13,11 @@ from __future__ import annotations
 import math
 import numbers
 
-import torch
 from torch import nn
 
-from fastnets import _dispatch
 from fastnets import functional as FF
 from fastnets import nn as fnn
-from fastnets.nn.conv import fused_conv_bn_act
-from fastnets.ops import _activation
+from fastnets.nn.conv import conv_act_max_pool, fused_conv_bn_act
 
 # The activation modules a fused op can apply, and their fastnets names (fastnets/ops/_activation.py).
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Sigmoid: "sigmoid"}
@@ -78,12 +75,8 @@ class FusedSequential(nn.Sequential):
                 j = i + 1 + (bn is not None)
                 act = activation_name(children[j]) if j < n else None
                 pool = children[j + 1] if act in ("relu", "relu6") and j + 1 < n else None
-                if (isinstance(pool, nn.MaxPool2d) and not pool.return_indices and not torch.is_grad_enabled()
-                        and input.device.type == "cpu" and _dispatch.choose("conv_bn_act", input.device) == "torch"):
-                    # CPU inference: conv -> relu -> max-pool as conv -> max-pool -> relu (a max commutes
-                    # with a non-decreasing function, padding and NaN included): the activation's pass
-                    # runs over the pooled output, 2-4x smaller (AlexNet, VGG, ZFNet).
-                    input = _activation.apply_(pool(fused_conv_bn_act(input, m, bn, None)), _activation.code(act))
+                if isinstance(pool, nn.MaxPool2d) and not pool.return_indices:
+                    input = conv_act_max_pool(input, m, bn, act, pool)  # in CPU inference: act after the pool
                     i = j + 2
                     continue
                 input = fused_conv_bn_act(input, m, bn, act)
